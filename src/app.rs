@@ -1,0 +1,153 @@
+//! Application assembly: `build` opens the store and binds the listener
+//! (port 0 in tests), `run` serves until the shutdown future resolves.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{JwtKeys, PasswordHasher, jwt};
+use crate::config::{AuthMode, MIN_SECRET_BYTES, Settings};
+use crate::ratelimit::KeyedLimiter;
+use crate::store::{NoopSink, Store};
+
+/// Shared state of every request and connection; cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<AppInner>);
+
+pub struct AppInner {
+    pub settings: Settings,
+    pub store: Store,
+    pub jwt: JwtKeys,
+    pub hasher: PasswordHasher,
+    pub login_ip: KeyedLimiter<std::net::IpAddr>,
+    pub login_user: KeyedLimiter<String>,
+    /// Cancelled when shutdown begins: readiness fails and connections close.
+    pub shutdown: CancellationToken,
+}
+
+impl Deref for AppState {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Application {
+    /// Opens the database (applying migrations), resolves the signing
+    /// secret and binds the listener.
+    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        settings.validate()?;
+        let store = Store::open(&settings.database, Arc::new(NoopSink))
+            .await
+            .context("opening the database")?;
+        let secret = signing_secret(&settings, store.path())?;
+        let window = Duration::from_secs(settings.auth.login_window_secs);
+        let listener = TcpListener::bind(&settings.server.listen)
+            .await
+            .with_context(|| format!("binding server.listen = {}", settings.server.listen))?;
+        let hash_concurrency = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let state = AppState(Arc::new(AppInner {
+            jwt: JwtKeys::new(&secret, settings.auth.token_ttl_secs),
+            hasher: PasswordHasher::new(hash_concurrency),
+            login_ip: KeyedLimiter::new(settings.auth.login_attempts_per_ip, window),
+            login_user: KeyedLimiter::new(settings.auth.login_attempts_per_username, window),
+            store,
+            shutdown: CancellationToken::new(),
+            settings,
+        }));
+        Ok(Application { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr().port()
+    }
+
+    pub fn state(&self) -> AppState {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets
+    /// in-flight requests finish, lets every queued write commit, and
+    /// closes the database.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        let token = state.shutdown.clone();
+        tracing::info!(addr = %self.local_addr(), "shindensen listening");
+        let app = crate::http::router(state.clone());
+        let signal = {
+            let token = token.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutdown requested");
+                token.cancel();
+            }
+        };
+        axum::serve(
+            self.listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(signal)
+        .await
+        .context("serving")?;
+        state.store.close().await;
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
+}
+
+/// The configured secret, or the one kept next to the database (created on
+/// first start).
+fn signing_secret(settings: &Settings, db_path: &Path) -> anyhow::Result<SecretString> {
+    if let Some(secret) = &settings.auth.jwt_secret {
+        if secret.expose_secret().len() < MIN_SECRET_BYTES {
+            // validate() refuses this outside open mode.
+            tracing::warn!(
+                "auth.jwt_secret is shorter than {MIN_SECRET_BYTES} bytes; accepted only because auth.mode = open"
+            );
+        }
+        return Ok(secret.clone());
+    }
+    let path = secret_path(db_path);
+    let secret = jwt::load_or_create_secret(&path).with_context(|| {
+        format!(
+            "reading or creating the signing secret at {}",
+            path.display()
+        )
+    })?;
+    tracing::info!(path = %path.display(), "using the signing secret kept next to the database");
+    if settings.auth.mode == AuthMode::Open {
+        tracing::warn!(
+            "auth.mode = open: anyone can log in as anyone with a username alone. Use only for local development"
+        );
+    }
+    Ok(secret)
+}
+
+/// `<database file>.jwt-secret`.
+pub fn secret_path(db_path: &Path) -> PathBuf {
+    let mut name = db_path.as_os_str().to_owned();
+    name.push(".jwt-secret");
+    PathBuf::from(name)
+}

@@ -1,0 +1,482 @@
+//! Settings and their layered loading.
+//!
+//! Layers, later ones win:
+//! 1. built-in defaults ([`Settings::default`]);
+//! 2. an optional TOML file (`--config PATH` or `SHINDENSEN_CONFIG`);
+//! 3. `SHINDENSEN_SECTION__KEY` environment variables (e.g. `SHINDENSEN_SERVER__LISTEN`);
+//! 4. the seed's `DATABASE_URL` and `JWT_SECRET`.
+//!
+//! Everything is validated once, at start-up, and every error names the key
+//! and says how to fix it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// Prefix of the environment variables that override settings.
+pub const ENV_PREFIX: &str = "SHINDENSEN_";
+/// Environment variable naming the optional config file.
+pub const ENV_CONFIG_FILE: &str = "SHINDENSEN_CONFIG";
+/// Minimum length of the JWT signing secret, in bytes.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub auth: AuthSettings,
+    pub ws: WsSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address of the public listener (HTTP API, WebSocket, probes, metrics).
+    pub listen: String,
+    /// Largest accepted HTTP request body, in bytes (413 above it).
+    pub max_body_bytes: usize,
+    /// Time limit for one HTTP request (not WebSocket sessions), in milliseconds.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:3000".into(),
+            max_body_bytes: 64 * 1024,
+            request_timeout_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    Off,
+    Normal,
+    Full,
+    Extra,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `sqlite:PATH`, `sqlite://PATH` or a plain file path.
+    pub url: String,
+    /// SQLite `synchronous` pragma. `full` (default) makes an ack survive power loss.
+    pub synchronous: Synchronous,
+    /// How long a connection waits for a lock before failing, in milliseconds.
+    pub busy_timeout_ms: u64,
+    /// Connections in the read-only pool (history, chat list, login look-ups).
+    pub read_pool_size: u32,
+    /// Most message inserts committed in one transaction by the writer.
+    pub write_batch_max: usize,
+    /// Capacity of the writer's request queue; senders wait when it is full.
+    pub write_queue: usize,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: "sqlite:shindensen.db".into(),
+            synchronous: Synchronous::Full,
+            busy_timeout_ms: 5_000,
+            read_pool_size: 4,
+            write_batch_max: 512,
+            write_queue: 16_384,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Every login needs the password.
+    Password,
+    /// The seed's behaviour: the username alone logs in. Development only.
+    Open,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    pub mode: AuthMode,
+    /// HS256 signing secret, at least 32 bytes. Unset: generated on first
+    /// start and kept next to the database file.
+    #[serde(serialize_with = "redact")]
+    pub jwt_secret: Option<SecretString>,
+    /// Token lifetime, in seconds.
+    pub token_ttl_secs: u64,
+    /// `POST /login` with an unknown username creates the account.
+    pub auto_register: bool,
+    /// Login attempts allowed per client address per window (token bucket).
+    pub login_attempts_per_ip: u32,
+    /// Login attempts allowed per username per window (token bucket).
+    pub login_attempts_per_username: u32,
+    /// The window, in seconds, over which the attempt budgets refill.
+    pub login_window_secs: u64,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::Password,
+            jwt_secret: None,
+            token_ttl_secs: 24 * 3600,
+            auto_register: true,
+            login_attempts_per_ip: 30,
+            login_attempts_per_username: 10,
+            login_window_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WsSettings {
+    /// Largest inbound WebSocket frame/message, in bytes; larger closes with 1009.
+    pub max_frame_bytes: usize,
+    /// Longest message content, in characters.
+    pub max_content_chars: usize,
+    /// Sends allowed per second per connection (token bucket refill rate).
+    pub send_rate_per_sec: f64,
+    /// Burst of sends allowed per connection (token bucket capacity).
+    pub send_burst: u32,
+    /// Frames queued for one connection before it is closed with 4008.
+    pub outbound_queue: usize,
+    /// Interval between server pings, in milliseconds.
+    pub ping_interval_ms: u64,
+    /// A connection that sends nothing (not even a pong) for this long is closed, in milliseconds.
+    pub idle_timeout_ms: u64,
+    /// Most messages replayed on `?since=` before `{"type":"resync"}`.
+    pub replay_max: u32,
+}
+
+impl Default for WsSettings {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 64 * 1024,
+            max_content_chars: 4_000,
+            send_rate_per_sec: 50.0,
+            send_burst: 100,
+            outbound_queue: 1_024,
+            ping_interval_ms: 20_000,
+            idle_timeout_ms: 60_000,
+            replay_max: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// JSON when stdout is not a terminal (containers), pretty otherwise.
+    Auto,
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// `tracing` filter directive; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Auto,
+            level: "info".into(),
+        }
+    }
+}
+
+fn redact<S: Serializer>(value: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(_) => s.serialize_str("[redacted]"),
+        None => s.serialize_none(),
+    }
+}
+
+/// A configuration error, already phrased for the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {0}")]
+pub struct ConfigError(pub String);
+
+impl Settings {
+    /// Loads the layers from the process environment (see the module docs).
+    pub fn load(config_file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        Self::load_from(config_file, &env)
+    }
+
+    /// Loads the layers with `env` standing for the process environment.
+    pub fn load_from(
+        config_file: Option<&Path>,
+        env: &HashMap<String, String>,
+    ) -> Result<Settings, ConfigError> {
+        let defaults = config::Config::try_from(&Settings::default())
+            .map_err(|e| ConfigError(format!("built-in defaults: {e}")))?;
+        let mut builder = config::Config::builder().add_source(defaults);
+
+        let file: Option<PathBuf> = config_file
+            .map(Path::to_path_buf)
+            .or_else(|| env.get(ENV_CONFIG_FILE).map(PathBuf::from));
+        if let Some(path) = &file {
+            if !path.is_file() {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist (given by --config or {ENV_CONFIG_FILE})",
+                    path.display()
+                )));
+            }
+            builder = builder
+                .add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
+        }
+
+        // SHINDENSEN_SECTION__KEY; SHINDENSEN_CONFIG names the file, not a key.
+        let overrides: config::Map<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.as_str() != ENV_CONFIG_FILE)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("SHINDENSEN")
+                .prefix_separator("_")
+                .separator("__")
+                .source(Some(overrides)),
+        );
+
+        // The seed's variables come last.
+        if let Some(url) = env.get("DATABASE_URL").filter(|v| !v.is_empty()) {
+            builder = builder
+                .set_override("database.url", url.as_str())
+                .map_err(|e| ConfigError(e.to_string()))?;
+        }
+        if let Some(secret) = env.get("JWT_SECRET").filter(|v| !v.is_empty()) {
+            builder = builder
+                .set_override("auth.jwt_secret", secret.as_str())
+                .map_err(|e| ConfigError(e.to_string()))?;
+        }
+
+        let settings: Settings = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError(describe(e)))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks values that types alone cannot. Every message names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            return fail(
+                "server.listen",
+                "must be an IP address and port such as 0.0.0.0:3000",
+            );
+        }
+        if self.server.max_body_bytes < 1024 {
+            return fail("server.max_body_bytes", "must be at least 1024");
+        }
+        if self.server.request_timeout_ms == 0 {
+            return fail("server.request_timeout_ms", "must be greater than 0");
+        }
+        if self.database.url.trim().is_empty() {
+            return fail(
+                "database.url (DATABASE_URL)",
+                "must name a SQLite file, e.g. sqlite:shindensen.db",
+            );
+        }
+        if self.database.url.contains(":memory:") || self.database.url.contains("mode=memory") {
+            return fail(
+                "database.url (DATABASE_URL)",
+                "in-memory databases are not supported (the writer and the read pool must share one file); name a file",
+            );
+        }
+        if self.database.read_pool_size == 0 {
+            return fail("database.read_pool_size", "must be at least 1");
+        }
+        if self.database.write_batch_max == 0 || self.database.write_queue == 0 {
+            return fail(
+                "database.write_batch_max / database.write_queue",
+                "must be at least 1",
+            );
+        }
+        if self.auth.token_ttl_secs < 60 {
+            return fail("auth.token_ttl_secs", "must be at least 60 seconds");
+        }
+        if self.auth.login_window_secs == 0
+            || self.auth.login_attempts_per_ip == 0
+            || self.auth.login_attempts_per_username == 0
+        {
+            return fail(
+                "auth.login_*",
+                "login_attempts_per_ip, login_attempts_per_username and login_window_secs must be at least 1",
+            );
+        }
+        if let Some(secret) = &self.auth.jwt_secret {
+            let len = secret.expose_secret().len();
+            if len < MIN_SECRET_BYTES && self.auth.mode == AuthMode::Password {
+                return fail(
+                    "auth.jwt_secret (JWT_SECRET)",
+                    &format!(
+                        "is {len} bytes; it must be at least {MIN_SECRET_BYTES}. Generate one with \
+                         `openssl rand -base64 48`, or unset it to have shindensen generate and keep one \
+                         next to the database"
+                    ),
+                );
+            }
+        }
+        if self.ws.max_frame_bytes < 1024 {
+            return fail("ws.max_frame_bytes", "must be at least 1024");
+        }
+        if self.ws.max_content_chars == 0 {
+            return fail("ws.max_content_chars", "must be at least 1");
+        }
+        if self.ws.send_rate_per_sec.is_nan()
+            || self.ws.send_rate_per_sec <= 0.0
+            || self.ws.send_burst == 0
+        {
+            return fail(
+                "ws.send_rate_per_sec / ws.send_burst",
+                "must be greater than 0",
+            );
+        }
+        if self.ws.outbound_queue == 0 {
+            return fail("ws.outbound_queue", "must be at least 1");
+        }
+        if self.ws.ping_interval_ms == 0 || self.ws.idle_timeout_ms <= self.ws.ping_interval_ms {
+            return fail(
+                "ws.idle_timeout_ms",
+                "must be greater than ws.ping_interval_ms (and both greater than 0)",
+            );
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, secrets redacted (`shindensen config`).
+    pub fn redacted_toml(&self) -> String {
+        // Serializing plain data to TOML cannot fail; the secret is redacted by `redact`.
+        toml_string(self)
+    }
+}
+
+fn toml_string(settings: &Settings) -> String {
+    let value = serde_json::to_value(settings).unwrap_or_default();
+    let mut out = String::new();
+    if let serde_json::Value::Object(sections) = value {
+        for (section, fields) in sections {
+            out.push_str(&format!("[{section}]\n"));
+            if let serde_json::Value::Object(fields) = fields {
+                for (key, v) in fields {
+                    if !v.is_null() {
+                        out.push_str(&format!("{key} = {v}\n"));
+                    }
+                }
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Rephrases the `config` crate's errors so they name the key plainly.
+fn describe(err: config::ConfigError) -> String {
+    let text = err.to_string();
+    if text.contains("unknown field") {
+        format!(
+            "{text}. Check the key's spelling; environment variables take the form \
+             SHINDENSEN_SECTION__KEY, e.g. SHINDENSEN_SERVER__LISTEN"
+        )
+    } else {
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_serve_on_port_3000_with_a_local_database() {
+        let s = Settings::load_from(None, &env(&[])).unwrap();
+        assert_eq!(s.server.listen, "0.0.0.0:3000");
+        assert_eq!(s.database.url, "sqlite:shindensen.db");
+        assert_eq!(s.database.synchronous, Synchronous::Full);
+    }
+
+    #[test]
+    fn env_overrides_file_and_seed_variables_override_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[server]\nlisten = \"127.0.0.1:1\"\n[database]\nurl = \"sqlite:file.db\"\nread_pool_size = 7\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(
+            Some(&file),
+            &env(&[
+                ("SHINDENSEN_SERVER__LISTEN", "127.0.0.1:2"),
+                ("SHINDENSEN_DATABASE__URL", "sqlite:env.db"),
+                ("DATABASE_URL", "sqlite:seed.db"),
+                ("SHINDENSEN_CONFIG", "ignored-because-flag-wins"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.server.listen, "127.0.0.1:2");
+        assert_eq!(s.database.url, "sqlite:seed.db");
+        assert_eq!(s.database.read_pool_size, 7);
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let err =
+            Settings::load_from(None, &env(&[("SHINDENSEN_SERVER__LISTEN", "nope")])).unwrap_err();
+        assert!(err.to_string().contains("server.listen"), "{err}");
+
+        let err =
+            Settings::load_from(None, &env(&[("SHINDENSEN_SERVER__LISTN", "x")])).unwrap_err();
+        assert!(err.to_string().contains("listn"), "{err}");
+
+        let err = Settings::load_from(None, &env(&[("JWT_SECRET", "supersecret")])).unwrap_err();
+        assert!(err.to_string().contains("JWT_SECRET"), "{err}");
+        assert!(err.to_string().contains("at least 32"), "{err}");
+    }
+
+    #[test]
+    fn short_secret_is_allowed_in_open_mode() {
+        let s = Settings::load_from(
+            None,
+            &env(&[
+                ("JWT_SECRET", "supersecret"),
+                ("SHINDENSEN_AUTH__MODE", "open"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.auth.mode, AuthMode::Open);
+    }
+
+    #[test]
+    fn printed_config_redacts_the_secret() {
+        let secret = "x".repeat(40);
+        let s = Settings::load_from(None, &env(&[("JWT_SECRET", &secret)])).unwrap();
+        let out = s.redacted_toml();
+        assert!(out.contains("[redacted]"));
+        assert!(!out.contains(&secret));
+    }
+}

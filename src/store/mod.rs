@@ -1,0 +1,172 @@
+//! Durable state in SQLite.
+//!
+//! * One write connection, owned by the writer task ([`writer`]), through
+//!   which every write goes: message inserts are group-committed, so
+//!   `synchronous=FULL` costs one fsync per batch rather than per message.
+//! * A separate read-only pool for queries (history, chat list, look-ups).
+//!
+//! The public surface is [`Store`] and the plain data types below; nothing
+//! here knows about HTTP or WebSocket. A later PostgreSQL backend would
+//! implement the same methods.
+
+mod chats;
+mod messages;
+mod time;
+mod users;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use sqlx::ConnectOptions;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use crate::config::{DatabaseSettings, Synchronous};
+
+pub use chats::ChatSummary;
+pub use messages::{HistoryPage, Message};
+pub use time::Timestamp;
+pub use users::{User, UserRecord};
+pub use writer::{CommitSink, NewMessage, NoopSink, SendOutcome, StoredMessage};
+
+/// Embedded migrations (the same files `sqlx migrate run` applies).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("chat not found")]
+    ChatNotFound,
+    #[error("the store is shut down")]
+    Closed,
+    #[error("database error: {0}")]
+    Database(Arc<sqlx::Error>),
+    #[error("migration error: {0}")]
+    Migrate(Arc<sqlx::migrate::MigrateError>),
+    #[error("{0}")]
+    Io(Arc<std::io::Error>),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Database(Arc::new(e))
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        StoreError::Migrate(Arc::new(e))
+    }
+}
+
+impl From<std::io::Error> for StoreError {
+    fn from(e: std::io::Error) -> Self {
+        StoreError::Io(Arc::new(e))
+    }
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    read: SqlitePool,
+    writer: writer::WriterHandle,
+    path: Arc<PathBuf>,
+    /// Members of each chat. Chats never change members, so entries never go stale.
+    members: Arc<DashMap<i64, [i64; 2]>>,
+}
+
+impl Store {
+    /// Opens (creating if missing) the database, applies pending migrations
+    /// and starts the writer task. Committed messages are handed to `sink`
+    /// in id order, after COMMIT.
+    pub async fn open(
+        settings: &DatabaseSettings,
+        sink: Arc<dyn CommitSink>,
+    ) -> Result<Store, StoreError> {
+        let base = connect_options(&settings.url)?
+            .busy_timeout(Duration::from_millis(settings.busy_timeout_ms))
+            .foreign_keys(true);
+        let path = base.get_filename().to_path_buf();
+
+        let mut write_conn = base
+            .clone()
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match settings.synchronous {
+                Synchronous::Off => SqliteSynchronous::Off,
+                Synchronous::Normal => SqliteSynchronous::Normal,
+                Synchronous::Full => SqliteSynchronous::Full,
+                Synchronous::Extra => SqliteSynchronous::Extra,
+            })
+            .connect()
+            .await?;
+        MIGRATOR.run(&mut write_conn).await?;
+
+        let read = SqlitePoolOptions::new()
+            .max_connections(settings.read_pool_size)
+            .min_connections(1)
+            .connect_with(base.read_only(true))
+            .await?;
+
+        let writer = writer::spawn(write_conn, settings, sink);
+        Ok(Store {
+            read,
+            writer,
+            path: Arc::new(path),
+            members: Arc::new(DashMap::new()),
+        })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// One round trip to the database through the read pool.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query_scalar!("SELECT 1 AS one")
+            .fetch_one(&self.read)
+            .await?;
+        Ok(())
+    }
+
+    /// True when every embedded migration has been applied.
+    pub async fn migrations_applied(&self) -> Result<bool, StoreError> {
+        let applied: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success = 1")
+                .fetch_all(&self.read)
+                .await?;
+        Ok(MIGRATOR
+            .iter()
+            .all(|m| m.migration_type.is_up_migration() && applied.contains(&m.version)))
+    }
+
+    /// Lets every write already queued commit and reply, then stops the
+    /// writer and closes the connections. Later writes fail with `Closed`.
+    pub async fn close(&self) {
+        self.writer.shutdown().await;
+        self.read.close().await;
+    }
+}
+
+/// Accepts `sqlite:PATH`, `sqlite://PATH` (with `?` options) or a plain path.
+fn connect_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
+    let opts = if url.starts_with("sqlite:") {
+        SqliteConnectOptions::from_str(url)?
+    } else {
+        SqliteConnectOptions::new().filename(url)
+    };
+    Ok(opts)
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub(crate) fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

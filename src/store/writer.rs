@@ -1,0 +1,399 @@
+//! The writer task: the only owner of the write connection.
+//!
+//! Message inserts are group-committed: the task takes one queued request,
+//! drains whatever else is already queued (up to `write_batch_max`), runs
+//! them in one `BEGIN IMMEDIATE … COMMIT`, and only then replies and hands
+//! the new rows to the [`CommitSink`] (the WebSocket hub), in id order. There
+//! is no timer: an idle server commits a lone message at once, a busy one
+//! commits large batches, one fsync each.
+//!
+//! Rarer writes (accounts, chats) go through the same task, each in its own
+//! transaction, so the database never sees two writers.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use sqlx::{Connection, SqliteConnection};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Message, StoreError, Timestamp, User, now_millis};
+use crate::config::DatabaseSettings;
+
+/// A message to store.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub chat_id: i64,
+    pub sender_id: i64,
+    /// The sender's username, carried along so the writer need not look it up.
+    pub sender: Arc<str>,
+    pub content: String,
+    pub client_msg_id: Option<String>,
+}
+
+/// A committed message and the idempotency key it was sent with.
+#[derive(Debug)]
+pub struct StoredMessage {
+    pub message: Message,
+    pub client_msg_id: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum SendOutcome {
+    /// Stored now.
+    Created(Arc<StoredMessage>),
+    /// The sender used this `client_msg_id` before; nothing new was stored.
+    Duplicate(Arc<StoredMessage>),
+}
+
+impl SendOutcome {
+    pub fn stored(&self) -> &Arc<StoredMessage> {
+        match self {
+            SendOutcome::Created(m) | SendOutcome::Duplicate(m) => m,
+        }
+    }
+}
+
+/// Receives every newly committed message, in id order, right after COMMIT.
+/// Called on the writer task: it must not block.
+pub trait CommitSink: Send + Sync + 'static {
+    fn committed(&self, batch: &[Arc<StoredMessage>]);
+
+    /// Called once per batch with its size and commit duration (metrics).
+    fn batch_committed(&self, _size: usize, _commit: std::time::Duration) {}
+}
+
+/// A sink that drops everything (tools and tests of the store alone).
+pub struct NoopSink;
+
+impl CommitSink for NoopSink {
+    fn committed(&self, _batch: &[Arc<StoredMessage>]) {}
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum Command {
+    Send(NewMessage, Reply<SendOutcome>),
+    CreateUser {
+        username: String,
+        password_hash: Option<String>,
+        reply: Reply<Option<User>>,
+    },
+    InitiateChat {
+        a: i64,
+        b: i64,
+        reply: Reply<(i64, bool)>,
+    },
+    Shutdown(oneshot::Sender<()>),
+}
+
+#[derive(Clone)]
+pub(super) struct WriterHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+pub(super) fn spawn(
+    conn: SqliteConnection,
+    settings: &DatabaseSettings,
+    sink: Arc<dyn CommitSink>,
+) -> WriterHandle {
+    let (tx, rx) = mpsc::channel(settings.write_queue);
+    let writer = Writer {
+        conn,
+        rx,
+        sink,
+        batch_max: settings.write_batch_max,
+        last_ts: 0,
+    };
+    tokio::spawn(writer.run());
+    WriterHandle { tx }
+}
+
+impl WriterHandle {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    pub(super) async fn send(&self, msg: NewMessage) -> Result<SendOutcome, StoreError> {
+        self.call(|reply| Command::Send(msg, reply)).await
+    }
+
+    pub(super) async fn create_user(
+        &self,
+        username: String,
+        password_hash: Option<String>,
+    ) -> Result<Option<User>, StoreError> {
+        self.call(|reply| Command::CreateUser {
+            username,
+            password_hash,
+            reply,
+        })
+        .await
+    }
+
+    pub(super) async fn initiate_chat(&self, a: i64, b: i64) -> Result<(i64, bool), StoreError> {
+        self.call(|reply| Command::InitiateChat { a, b, reply })
+            .await
+    }
+
+    pub(super) async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+struct Writer {
+    conn: SqliteConnection,
+    rx: mpsc::Receiver<Command>,
+    sink: Arc<dyn CommitSink>,
+    batch_max: usize,
+    /// Timestamps never go backwards, even if the wall clock does.
+    last_ts: i64,
+}
+
+impl Writer {
+    async fn run(mut self) {
+        let mut batch: Vec<(NewMessage, Reply<SendOutcome>)> = Vec::with_capacity(self.batch_max);
+        let mut next = self.rx.recv().await;
+        while let Some(cmd) = next.take() {
+            match cmd {
+                Command::Send(msg, reply) => {
+                    batch.push((msg, reply));
+                    // Drain what is already queued; stop at the first non-send.
+                    while batch.len() < self.batch_max {
+                        match self.rx.try_recv() {
+                            Ok(Command::Send(msg, reply)) => batch.push((msg, reply)),
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.commit_messages(&mut batch).await;
+                    if next.is_some() {
+                        continue;
+                    }
+                }
+                Command::CreateUser {
+                    username,
+                    password_hash,
+                    reply,
+                } => {
+                    let res = self.create_user(&username, password_hash.as_deref()).await;
+                    let _ = reply.send(res);
+                }
+                Command::InitiateChat { a, b, reply } => {
+                    let res = self.initiate_chat(a, b).await;
+                    let _ = reply.send(res);
+                }
+                Command::Shutdown(done) => {
+                    // Everything queued before the shutdown request has been
+                    // handled; refuse what comes later.
+                    self.rx.close();
+                    while let Ok(cmd) = self.rx.try_recv() {
+                        fail(cmd);
+                    }
+                    let _ = self.conn.close().await;
+                    let _ = done.send(());
+                    return;
+                }
+            }
+            next = self.rx.recv().await;
+        }
+        let _ = self.conn.close().await;
+    }
+
+    fn timestamp(&mut self) -> i64 {
+        self.last_ts = self.last_ts.max(now_millis());
+        self.last_ts
+    }
+
+    async fn commit_messages(&mut self, batch: &mut Vec<(NewMessage, Reply<SendOutcome>)>) {
+        let ts = self.timestamp();
+        let started = Instant::now();
+        match self.insert_all(batch, ts).await {
+            Ok(outcomes) => {
+                let size = batch.len();
+                self.sink.batch_committed(size, started.elapsed());
+                let created: Vec<Arc<StoredMessage>> = outcomes
+                    .iter()
+                    .filter_map(|o| match o {
+                        SendOutcome::Created(m) => Some(m.clone()),
+                        SendOutcome::Duplicate(_) => None,
+                    })
+                    .collect();
+                if !created.is_empty() {
+                    self.sink.committed(&created);
+                }
+                for ((_, reply), outcome) in batch.drain(..).zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(batch_err) => {
+                // One bad request must not sink the others: retry one by one,
+                // each in its own transaction, and report each result.
+                tracing::warn!(error = %batch_err, size = batch.len(), "batch insert failed; retrying one by one");
+                for (msg, reply) in batch.drain(..) {
+                    let mut single = vec![(msg, reply)];
+                    let res = self.insert_all(&single, ts).await;
+                    let (_, reply) = single.pop().expect("one element");
+                    match res {
+                        Ok(mut outcomes) => {
+                            let outcome = outcomes.pop().expect("one outcome");
+                            if let SendOutcome::Created(m) = &outcome {
+                                self.sink.committed(std::slice::from_ref(m));
+                            }
+                            let _ = reply.send(Ok(outcome));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Inserts the batch in one transaction; nothing is visible or replied
+    /// before COMMIT returns.
+    async fn insert_all(
+        &mut self,
+        batch: &[(NewMessage, Reply<SendOutcome>)],
+        ts: i64,
+    ) -> Result<Vec<SendOutcome>, StoreError> {
+        let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for (m, _) in batch {
+            let inserted = sqlx::query_scalar!(
+                "INSERT INTO messages (chat_id, sender_id, content, client_msg_id, created_at)
+                 VALUES (?, ?, ?, ?, ?)
+                 ON CONFLICT DO NOTHING
+                 RETURNING id AS \"id!\"",
+                m.chat_id,
+                m.sender_id,
+                m.content,
+                m.client_msg_id,
+                ts
+            )
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_fk)?;
+            let outcome = match inserted {
+                Some(id) => SendOutcome::Created(Arc::new(StoredMessage {
+                    message: Message {
+                        id,
+                        chat_id: m.chat_id,
+                        sender: m.sender.to_string(),
+                        sender_id: m.sender_id,
+                        content: m.content.clone(),
+                        timestamp: Timestamp(ts),
+                    },
+                    client_msg_id: m.client_msg_id.clone(),
+                })),
+                None => {
+                    // The only uniqueness constraint an insert can hit is the
+                    // idempotency key: return the original.
+                    let orig = sqlx::query!(
+                        r#"SELECT id AS "id!", chat_id, content, created_at
+                           FROM messages WHERE sender_id = ? AND client_msg_id = ?"#,
+                        m.sender_id,
+                        m.client_msg_id
+                    )
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    SendOutcome::Duplicate(Arc::new(StoredMessage {
+                        message: Message {
+                            id: orig.id,
+                            chat_id: orig.chat_id,
+                            sender: m.sender.to_string(),
+                            sender_id: m.sender_id,
+                            content: orig.content,
+                            timestamp: Timestamp(orig.created_at),
+                        },
+                        client_msg_id: m.client_msg_id.clone(),
+                    }))
+                }
+            };
+            outcomes.push(outcome);
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    async fn create_user(
+        &mut self,
+        username: &str,
+        password_hash: Option<&str>,
+    ) -> Result<Option<User>, StoreError> {
+        let now = now_millis();
+        let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await?;
+        let id = sqlx::query_scalar!(
+            "INSERT INTO users (username, password_hash, created_at) VALUES (?, ?, ?)
+             ON CONFLICT DO NOTHING RETURNING id AS \"id!\"",
+            username,
+            password_hash,
+            now
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(id.map(|id| User {
+            id,
+            username: username.to_string(),
+        }))
+    }
+
+    async fn initiate_chat(&mut self, a: i64, b: i64) -> Result<(i64, bool), StoreError> {
+        let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+        let now = now_millis();
+        let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await?;
+        let created = sqlx::query_scalar!(
+            "INSERT INTO chats (user_a, user_b, created_at) VALUES (?, ?, ?)
+             ON CONFLICT (user_a, user_b) DO NOTHING RETURNING id AS \"id!\"",
+            lo,
+            hi,
+            now
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        let result = match created {
+            Some(id) => (id, true),
+            None => {
+                let id = sqlx::query_scalar!(
+                    r#"SELECT id AS "id!" FROM chats WHERE user_a = ? AND user_b = ?"#,
+                    lo,
+                    hi
+                )
+                .fetch_one(&mut *tx)
+                .await?;
+                (id, false)
+            }
+        };
+        tx.commit().await?;
+        Ok(result)
+    }
+}
+
+/// A foreign-key failure on insert means the chat (or sender) does not exist.
+fn map_fk(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_foreign_key_violation() => StoreError::ChatNotFound,
+        _ => e.into(),
+    }
+}
+
+fn fail(cmd: Command) {
+    match cmd {
+        Command::Send(_, reply) => drop(reply.send(Err(StoreError::Closed))),
+        Command::CreateUser { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+        Command::InitiateChat { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+        Command::Shutdown(done) => drop(done.send(())),
+    }
+}

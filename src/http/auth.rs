@@ -2,7 +2,7 @@
 //!
 //! Login attempts draw on two token buckets, per client address and per
 //! username (case-insensitive); a successful attempt gives its tokens back,
-//! so only failures use up the budget and passwords cannot be guessed at
+//! so only wrong guesses use up the budget and passwords cannot be guessed at
 //! speed. Over budget: 429 `rate_limited` with `Retry-After`.
 
 use std::net::SocketAddr;
@@ -112,7 +112,13 @@ impl AppState {
             return Err(ApiError::RateLimited { retry_after });
         }
         let result = attempt.await;
-        if result.is_ok() {
+        // Only a wrong guess (credentials, or probing for taken names) spends
+        // the budget; successes and validation errors give it back.
+        let guess = matches!(
+            result,
+            Err(ApiError::InvalidCredentials | ApiError::UsernameTaken)
+        );
+        if !guess {
             self.login_ip.give_back(&ip);
             self.login_user.give_back(&name);
         }

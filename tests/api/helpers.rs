@@ -1,0 +1,206 @@
+//! `TestApp`: spawns the application and speaks its API.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use reqwest::StatusCode;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use shindensen::app::{AppState, Application};
+use shindensen::config::Settings;
+use shindensen::store::{NewMessage, SendOutcome};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The signing secret of test apps, so tests can forge tokens against it.
+pub const TEST_SECRET: &str = "test-secret-test-secret-test-secret-0123456789";
+pub const PASSWORD: &str = "correct horse battery";
+
+pub struct TestApp {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub state: AppState,
+    pub dir: Arc<TempDir>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TestUser {
+    pub id: i64,
+    pub username: String,
+    pub token: String,
+}
+
+pub fn test_settings(db: &Path) -> Settings {
+    let mut s = Settings::default();
+    s.server.listen = "127.0.0.1:0".into();
+    s.database.url = format!("sqlite:{}", db.display());
+    s.auth.jwt_secret = Some(SecretString::from(TEST_SECRET));
+    s
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        Self::spawn_in(dir, tweak).await
+    }
+
+    /// Spawns an app on the database in `dir` (restarts reuse the dir).
+    pub async fn spawn_in(dir: Arc<TempDir>, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+        let mut settings = test_settings(&dir.path().join("test.db"));
+        tweak(&mut settings);
+        let app = Application::build(settings).await.expect("app builds");
+        let addr = app.local_addr();
+        let state = app.state();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run(async {
+            let _ = rx.await;
+        }));
+        TestApp {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+            state,
+            dir,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("test.db")
+    }
+
+    /// Shuts the app down gracefully and waits for it to finish.
+    pub async fn stop(mut self) -> Arc<TempDir> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("app task").expect("app ran");
+        }
+        self.dir.clone()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Sends a request and returns the status and the JSON body (Null if none).
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> (StatusCode, Value) {
+        let res = req.send().await.expect("request sent");
+        let status = res.status();
+        let text = res.text().await.unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    pub async fn post(&self, path: &str, body: Value, token: Option<&str>) -> (StatusCode, Value) {
+        let mut req = self.http.post(self.url(path)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        self.send(req).await
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (StatusCode, Value) {
+        let mut req = self.http.get(self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        self.send(req).await
+    }
+
+    pub async fn login(&self, username: &str, password: &str) -> (StatusCode, Value) {
+        self.post(
+            "/login",
+            json!({"username": username, "password": password}),
+            None,
+        )
+        .await
+    }
+
+    pub async fn register(&self, username: &str, password: &str) -> (StatusCode, Value) {
+        self.post(
+            "/register",
+            json!({"username": username, "password": password}),
+            None,
+        )
+        .await
+    }
+
+    /// Logs in (registering) a user with the test password.
+    pub async fn user(&self, username: &str) -> TestUser {
+        let (status, body) = self.login(username, PASSWORD).await;
+        assert_eq!(status, StatusCode::OK, "login {username}: {body}");
+        TestUser {
+            id: body["user"]["id"].as_i64().expect("user id"),
+            username: body["user"]["username"].as_str().expect("username").into(),
+            token: body["token"].as_str().expect("token").into(),
+        }
+    }
+
+    pub async fn initiate(&self, who: &TestUser, target: &str) -> (StatusCode, Value) {
+        self.post(
+            "/chats/initiate",
+            json!({"target_username": target}),
+            Some(&who.token),
+        )
+        .await
+    }
+
+    /// Creates the chat of two users and returns its id.
+    pub async fn chat(&self, a: &TestUser, b: &TestUser) -> i64 {
+        let (status, body) = self.initiate(a, &b.username).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["chat_id"].as_i64().expect("chat_id")
+    }
+
+    pub async fn history(&self, who: &TestUser, chat: &str, query: &str) -> (StatusCode, Value) {
+        self.get(&format!("/chats/{chat}/messages{query}"), Some(&who.token))
+            .await
+    }
+
+    /// Stores a message through the same writer the WebSocket uses.
+    pub async fn store_message(&self, sender: &TestUser, chat_id: i64, content: &str) -> i64 {
+        let outcome = self
+            .state
+            .store
+            .send_message(NewMessage {
+                chat_id,
+                sender_id: sender.id,
+                sender: sender.username.as_str().into(),
+                content: content.into(),
+                client_msg_id: None,
+            })
+            .await
+            .expect("message stored");
+        match outcome {
+            SendOutcome::Created(m) => m.message.id,
+            SendOutcome::Duplicate(_) => panic!("unexpected duplicate"),
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The ids of a JSON array of messages.
+pub fn ids(messages: &Value) -> Vec<i64> {
+    messages
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|m| m["id"].as_i64().expect("id"))
+        .collect()
+}

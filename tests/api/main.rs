@@ -1,0 +1,11 @@
+//! Black-box tests: the real application on port 0, a fresh SQLite file per
+//! test, spoken to over HTTP (and WebSocket).
+
+mod helpers;
+
+mod accounts;
+mod chats;
+mod errors;
+mod history;
+mod store_writer;
+mod tokens;

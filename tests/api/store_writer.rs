@@ -1,0 +1,196 @@
+//! The store's group-commit writer, through its public API on a real file.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use shindensen::config::DatabaseSettings;
+use shindensen::store::{HistoryPage, NewMessage, NoopSink, SendOutcome, Store};
+
+async fn open(dir: &tempfile::TempDir) -> Store {
+    let settings = DatabaseSettings {
+        url: format!("sqlite:{}", dir.path().join("w.db").display()),
+        ..DatabaseSettings::default()
+    };
+    Store::open(&settings, Arc::new(NoopSink)).await.unwrap()
+}
+
+fn msg(chat_id: i64, sender_id: i64, content: String, key: Option<String>) -> NewMessage {
+    NewMessage {
+        chat_id,
+        sender_id,
+        sender: "u".into(),
+        content,
+        client_msg_id: key,
+    }
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_inserts_from_50_tasks_all_commit_in_increasing_id_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let a = store.create_user("a", None).await.unwrap().unwrap();
+    let b = store.create_user("b", None).await.unwrap().unwrap();
+    let (chat, _) = store.initiate_direct_chat(a.id, b.id).await.unwrap();
+
+    let tasks: Vec<_> = (0..50)
+        .map(|t| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for i in 0..20 {
+                    let out = store
+                        .send_message(msg(
+                            chat,
+                            a.id,
+                            format!("t{t}-{i}"),
+                            Some(format!("k{t}-{i}")),
+                        ))
+                        .await
+                        .unwrap();
+                    match out {
+                        SendOutcome::Created(m) => {
+                            ids.push((m.message.id, m.message.content.clone()))
+                        }
+                        SendOutcome::Duplicate(_) => panic!("no duplicates were sent"),
+                    }
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut acked = Vec::new();
+    for t in tasks {
+        let ids = t.await.unwrap();
+        // Each task's sends were sequential: its ids strictly increase.
+        assert!(ids.windows(2).all(|w| w[0].0 < w[1].0));
+        acked.extend(ids);
+    }
+    assert_eq!(acked.len(), 1000);
+    let unique: HashSet<i64> = acked.iter().map(|(id, _)| *id).collect();
+    assert_eq!(unique.len(), 1000);
+
+    let mut stored = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store
+            .history(
+                chat,
+                HistoryPage::After {
+                    id: after,
+                    limit: 200,
+                },
+            )
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().unwrap().id;
+        stored.extend(page);
+    }
+    assert_eq!(stored.len(), 1000, "every acked insert is committed");
+    assert!(
+        stored
+            .windows(2)
+            .all(|w| w[0].id < w[1].id && w[0].timestamp <= w[1].timestamp)
+    );
+    acked.sort();
+    let from_db: Vec<(i64, String)> = stored.into_iter().map(|m| (m.id, m.content)).collect();
+    assert_eq!(acked, from_db);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn an_idempotent_resend_returns_the_original_id_even_after_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let a = store.create_user("a", None).await.unwrap().unwrap();
+    let b = store.create_user("b", None).await.unwrap().unwrap();
+    let (chat, _) = store.initiate_direct_chat(a.id, b.id).await.unwrap();
+    let first = store
+        .send_message(msg(chat, a.id, "hello".into(), Some("key-1".into())))
+        .await
+        .unwrap();
+    let SendOutcome::Created(orig) = first else {
+        panic!("first send creates")
+    };
+
+    // Concurrent resends in one batch and a resend by another user.
+    let resends = futures_util::future::join_all(
+        (0..10).map(|_| store.send_message(msg(chat, a.id, "hello".into(), Some("key-1".into())))),
+    )
+    .await;
+    for r in resends {
+        match r.unwrap() {
+            SendOutcome::Duplicate(m) => {
+                assert_eq!(m.message.id, orig.message.id);
+                assert_eq!(m.message.timestamp, orig.message.timestamp);
+            }
+            SendOutcome::Created(_) => panic!("resend created a message"),
+        }
+    }
+    let other = store
+        .send_message(msg(chat, b.id, "hello".into(), Some("key-1".into())))
+        .await
+        .unwrap();
+    assert!(
+        matches!(other, SendOutcome::Created(_)),
+        "keys are per sender"
+    );
+    store.close().await;
+
+    let store = open(&dir).await;
+    let again = store
+        .send_message(msg(chat, a.id, "hello".into(), Some("key-1".into())))
+        .await
+        .unwrap();
+    match again {
+        SendOutcome::Duplicate(m) => assert_eq!(m.message.id, orig.message.id),
+        SendOutcome::Created(_) => panic!("resend after reopening created a message"),
+    }
+    let page = store
+        .history(chat, HistoryPage::Latest { limit: 50 })
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 2);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn a_bad_message_in_a_batch_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let a = store.create_user("a", None).await.unwrap().unwrap();
+    let b = store.create_user("b", None).await.unwrap().unwrap();
+    let (chat, _) = store.initiate_direct_chat(a.id, b.id).await.unwrap();
+    let sends = (0..30).map(|i| {
+        let target = if i == 15 { chat + 999 } else { chat };
+        store.send_message(msg(target, a.id, format!("m{i}"), None))
+    });
+    let results = futures_util::future::join_all(sends).await;
+    for (i, r) in results.into_iter().enumerate() {
+        if i == 15 {
+            assert!(
+                matches!(r, Err(shindensen::store::StoreError::ChatNotFound)),
+                "{r:?}"
+            );
+        } else {
+            assert!(r.is_ok(), "{i}: {r:?}");
+        }
+    }
+    let page = store
+        .history(chat, HistoryPage::Latest { limit: 50 })
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 29);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn writes_after_close_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    store.close().await;
+    let err = store.create_user("late", None).await.unwrap_err();
+    assert!(matches!(err, shindensen::store::StoreError::Closed));
+}

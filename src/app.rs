@@ -12,11 +12,13 @@ use anyhow::Context;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::{JwtKeys, PasswordHasher, jwt};
 use crate::config::{AuthMode, MIN_SECRET_BYTES, Settings};
 use crate::ratelimit::KeyedLimiter;
-use crate::store::{NoopSink, Store};
+use crate::store::Store;
+use crate::ws::Hub;
 
 /// Shared state of every request and connection; cheap to clone.
 #[derive(Clone)]
@@ -29,8 +31,12 @@ pub struct AppInner {
     pub hasher: PasswordHasher,
     pub login_ip: KeyedLimiter<std::net::IpAddr>,
     pub login_user: KeyedLimiter<String>,
+    /// Open WebSocket connections, for fan-out.
+    pub hub: Arc<Hub>,
     /// Cancelled when shutdown begins: readiness fails and connections close.
     pub shutdown: CancellationToken,
+    /// Tracks WebSocket connections so shutdown can wait for them to flush.
+    pub ws_tracker: TaskTracker,
 }
 
 impl Deref for AppState {
@@ -50,7 +56,8 @@ impl Application {
     /// secret and binds the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
         settings.validate()?;
-        let store = Store::open(&settings.database, Arc::new(NoopSink))
+        let hub = Arc::new(Hub::new());
+        let store = Store::open(&settings.database, hub.clone())
             .await
             .context("opening the database")?;
         let secret = signing_secret(&settings, store.path())?;
@@ -65,7 +72,9 @@ impl Application {
             login_ip: KeyedLimiter::new(settings.auth.login_attempts_per_ip, window),
             login_user: KeyedLimiter::new(settings.auth.login_attempts_per_username, window),
             store,
+            hub,
             shutdown: CancellationToken::new(),
+            ws_tracker: TaskTracker::new(),
             settings,
         }));
         Ok(Application { listener, state })
@@ -111,6 +120,10 @@ impl Application {
         .with_graceful_shutdown(signal)
         .await
         .context("serving")?;
+        // WebSocket connections saw the cancellation: they stop reading, let
+        // what they received commit, send the acks and close with 1001.
+        state.ws_tracker.close();
+        state.ws_tracker.wait().await;
         state.store.close().await;
         tracing::info!("shutdown complete");
         Ok(())

@@ -7,3 +7,4 @@ pub mod http;
 pub mod ratelimit;
 pub mod store;
 pub mod telemetry;
+pub mod ws;

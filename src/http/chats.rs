@@ -115,11 +115,11 @@ impl HistoryParams {
             .as_deref()
             .map(|r| parse_id("before", r))
             .transpose()?;
-        let after = self
-            .after
-            .as_deref()
-            .map(|r| parse_id("after", r))
-            .transpose()?;
+        // `after=0` pages from the very first message.
+        let after = match self.after.as_deref() {
+            Some("0") => Some(0),
+            other => other.map(|r| parse_id("after", r)).transpose()?,
+        };
         match (before, after) {
             (Some(_), Some(_)) => Err(ApiError::InvalidRequest(
                 "give either before or after, not both".into(),

@@ -2,9 +2,9 @@
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
-use axum::http::StatusCode;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
@@ -76,8 +76,8 @@ impl AuthUser {
     }
 
     /// The bearer token of the `Authorization` header, if there is a header.
-    pub fn bearer(parts: &Parts) -> Option<Result<&str, ApiError>> {
-        let value = parts.headers.get(AUTHORIZATION)?;
+    pub fn bearer(headers: &HeaderMap) -> Option<Result<&str, ApiError>> {
+        let value = headers.get(AUTHORIZATION)?;
         let token = value
             .to_str()
             .ok()
@@ -100,7 +100,7 @@ impl FromRequestParts<AppState> for AuthUser {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let token = AuthUser::bearer(parts).ok_or(ApiError::MissingToken)??;
+        let token = AuthUser::bearer(&parts.headers).ok_or(ApiError::MissingToken)??;
         AuthUser::from_token(state, token)
     }
 }

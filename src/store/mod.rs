@@ -29,7 +29,7 @@ use sqlx::sqlite::{
 use crate::config::{DatabaseSettings, Synchronous};
 
 pub use chats::ChatSummary;
-pub use messages::{HistoryPage, Message};
+pub use messages::{HistoryPage, Message, PendingSend, ReplayedMessage};
 pub use time::Timestamp;
 pub use users::{User, UserRecord};
 pub use writer::{CommitSink, NewMessage, NoopSink, SendOutcome, StoredMessage};

@@ -30,11 +30,13 @@ pub struct NewMessage {
     pub client_msg_id: Option<String>,
 }
 
-/// A committed message and the idempotency key it was sent with.
+/// A committed message, the idempotency key it was sent with, and the
+/// members of its chat (its audience).
 #[derive(Debug)]
 pub struct StoredMessage {
     pub message: Message,
     pub client_msg_id: Option<String>,
+    pub members: [i64; 2],
 }
 
 #[derive(Debug, Clone)]
@@ -71,8 +73,15 @@ impl CommitSink for NoopSink {
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// A queued message insert.
+struct Queued {
+    msg: NewMessage,
+    members: [i64; 2],
+    reply: Reply<SendOutcome>,
+}
+
 enum Command {
-    Send(NewMessage, Reply<SendOutcome>),
+    Send(Box<Queued>),
     CreateUser {
         username: String,
         password_hash: Option<String>,
@@ -118,8 +127,23 @@ impl WriterHandle {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    pub(super) async fn send(&self, msg: NewMessage) -> Result<SendOutcome, StoreError> {
-        self.call(|reply| Command::Send(msg, reply)).await
+    /// Queues a message; the receiver yields the outcome after COMMIT.
+    /// Messages queued by one caller are committed in the order queued.
+    pub(super) async fn submit(
+        &self,
+        msg: NewMessage,
+        members: [i64; 2],
+    ) -> Result<oneshot::Receiver<Result<SendOutcome, StoreError>>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Send(Box::new(Queued {
+                msg,
+                members,
+                reply,
+            })))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(rx)
     }
 
     pub(super) async fn create_user(
@@ -159,16 +183,16 @@ struct Writer {
 
 impl Writer {
     async fn run(mut self) {
-        let mut batch: Vec<(NewMessage, Reply<SendOutcome>)> = Vec::with_capacity(self.batch_max);
+        let mut batch: Vec<Queued> = Vec::with_capacity(self.batch_max);
         let mut next = self.rx.recv().await;
         while let Some(cmd) = next.take() {
             match cmd {
-                Command::Send(msg, reply) => {
-                    batch.push((msg, reply));
+                Command::Send(queued) => {
+                    batch.push(*queued);
                     // Drain what is already queued; stop at the first non-send.
                     while batch.len() < self.batch_max {
                         match self.rx.try_recv() {
-                            Ok(Command::Send(msg, reply)) => batch.push((msg, reply)),
+                            Ok(Command::Send(queued)) => batch.push(*queued),
                             Ok(other) => {
                                 next = Some(other);
                                 break;
@@ -215,7 +239,7 @@ impl Writer {
         self.last_ts
     }
 
-    async fn commit_messages(&mut self, batch: &mut Vec<(NewMessage, Reply<SendOutcome>)>) {
+    async fn commit_messages(&mut self, batch: &mut Vec<Queued>) {
         let ts = self.timestamp();
         let started = Instant::now();
         match self.insert_all(batch, ts).await {
@@ -232,18 +256,17 @@ impl Writer {
                 if !created.is_empty() {
                     self.sink.committed(&created);
                 }
-                for ((_, reply), outcome) in batch.drain(..).zip(outcomes) {
-                    let _ = reply.send(Ok(outcome));
+                for (queued, outcome) in batch.drain(..).zip(outcomes) {
+                    let _ = queued.reply.send(Ok(outcome));
                 }
             }
             Err(batch_err) => {
                 // One bad request must not sink the others: retry one by one,
                 // each in its own transaction, and report each result.
                 tracing::warn!(error = %batch_err, size = batch.len(), "batch insert failed; retrying one by one");
-                for (msg, reply) in batch.drain(..) {
-                    let mut single = vec![(msg, reply)];
-                    let res = self.insert_all(&single, ts).await;
-                    let (_, reply) = single.pop().expect("one element");
+                for queued in batch.drain(..) {
+                    let res = self.insert_all(std::slice::from_ref(&queued), ts).await;
+                    let reply = queued.reply;
                     match res {
                         Ok(mut outcomes) => {
                             let outcome = outcomes.pop().expect("one outcome");
@@ -265,12 +288,13 @@ impl Writer {
     /// before COMMIT returns.
     async fn insert_all(
         &mut self,
-        batch: &[(NewMessage, Reply<SendOutcome>)],
+        batch: &[Queued],
         ts: i64,
     ) -> Result<Vec<SendOutcome>, StoreError> {
         let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await?;
         let mut outcomes = Vec::with_capacity(batch.len());
-        for (m, _) in batch {
+        for queued in batch {
+            let (m, members) = (&queued.msg, &queued.members);
             let inserted = sqlx::query_scalar!(
                 "INSERT INTO messages (chat_id, sender_id, content, client_msg_id, created_at)
                  VALUES (?, ?, ?, ?, ?)
@@ -296,6 +320,7 @@ impl Writer {
                         timestamp: Timestamp(ts),
                     },
                     client_msg_id: m.client_msg_id.clone(),
+                    members: *members,
                 })),
                 None => {
                     // The only uniqueness constraint an insert can hit is the
@@ -318,6 +343,7 @@ impl Writer {
                             timestamp: Timestamp(orig.created_at),
                         },
                         client_msg_id: m.client_msg_id.clone(),
+                        members: *members,
                     }))
                 }
             };
@@ -391,7 +417,7 @@ fn map_fk(e: sqlx::Error) -> StoreError {
 
 fn fail(cmd: Command) {
     match cmd {
-        Command::Send(_, reply) => drop(reply.send(Err(StoreError::Closed))),
+        Command::Send(queued) => drop(queued.reply.send(Err(StoreError::Closed))),
         Command::CreateUser { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
         Command::InitiateChat { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
         Command::Shutdown(done) => drop(done.send(())),

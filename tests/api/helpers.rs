@@ -199,8 +199,166 @@ impl Drop for TestApp {
 pub fn ids(messages: &Value) -> Vec<i64> {
     messages
         .as_array()
-        .expect("array")
+        .unwrap_or_else(|| panic!("expected an array of messages, got {messages}"))
         .iter()
         .map(|m| m["id"].as_i64().expect("id"))
         .collect()
+}
+
+// ---- WebSocket ----
+
+use futures_util::{SinkExt, StreamExt};
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a test waits for something that should happen.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub struct WsClient {
+    pub stream: WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>,
+}
+
+impl TestApp {
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/ws{query}", self.base.trim_start_matches("http://"))
+    }
+
+    /// Connects with `Authorization: Bearer` and the given query.
+    pub async fn try_ws(
+        &self,
+        token: Option<&str>,
+        query: &str,
+    ) -> Result<WsClient, tungstenite::Error> {
+        let mut req = self.ws_url(query).into_client_request()?;
+        if let Some(t) = token {
+            req.headers_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        let (stream, _) = tokio_tungstenite::connect_async(req).await?;
+        Ok(WsClient { stream })
+    }
+
+    pub async fn ws(&self, user: &TestUser) -> WsClient {
+        self.try_ws(Some(&user.token), "")
+            .await
+            .expect("websocket connects")
+    }
+
+    pub async fn ws_since(&self, user: &TestUser, since: i64) -> WsClient {
+        self.try_ws(Some(&user.token), &format!("?since={since}"))
+            .await
+            .expect("websocket connects")
+    }
+
+    /// A connection whose socket receive buffer is tiny, for clients that
+    /// stop reading: the server's queue fills instead of the kernel's buffers.
+    pub async fn ws_small_buffer(&self, user: &TestUser) -> WsClient {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let addr = self.base.trim_start_matches("http://").parse().unwrap();
+        let tcp = socket.connect(addr).await.unwrap();
+        let mut req = self.ws_url("").into_client_request().unwrap();
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", user.token).parse().unwrap(),
+        );
+        let (stream, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(tcp))
+            .await
+            .unwrap();
+        WsClient { stream }
+    }
+}
+
+impl WsClient {
+    pub async fn send_json(&mut self, v: Value) {
+        self.stream
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .expect("frame sent");
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.stream
+            .send(Message::Text(text.to_string().into()))
+            .await
+            .expect("frame sent");
+    }
+
+    /// Sends a chat message with an idempotency key.
+    pub async fn say(&mut self, chat_id: i64, content: &str, key: &str) {
+        self.send_json(json!({"chat_id": chat_id, "content": content, "client_msg_id": key}))
+            .await
+    }
+
+    /// The next JSON frame (pings and pongs skipped); panics on close or timeout.
+    pub async fn next_json(&mut self) -> Value {
+        let next = tokio::time::timeout(DEADLINE, async {
+            loop {
+                match self.stream.next().await {
+                    Some(Ok(Message::Text(t))) => {
+                        return serde_json::from_str::<Value>(&t).expect("JSON frame");
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    other => panic!("expected a text frame, got {other:?}"),
+                }
+            }
+        })
+        .await;
+        next.expect("a frame within the deadline")
+    }
+
+    /// The next frame of the given `type`, skipping others.
+    pub async fn next_of(&mut self, kind: &str) -> Value {
+        loop {
+            let v = self.next_json().await;
+            if v["type"] == kind {
+                return v;
+            }
+        }
+    }
+
+    /// Collects `n` message frames, skipping acks.
+    pub async fn messages(&mut self, n: usize) -> Vec<Value> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let v = self.next_json().await;
+            if v["type"] == "message" {
+                out.push(v);
+            }
+        }
+        out
+    }
+
+    /// Reads (discarding data frames) until the server's close frame.
+    pub async fn close_frame(&mut self) -> Option<CloseFrame> {
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                match self.stream.next().await {
+                    Some(Ok(Message::Close(frame))) => return frame,
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => panic!("socket error before a close frame: {e}"),
+                    None => return None,
+                }
+            }
+        })
+        .await
+        .expect("closed within the deadline")
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.stream.close(None).await;
+    }
+}
+
+/// Waits for `cond` to hold, checking every few milliseconds, up to the deadline.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    let mut poll = tokio::time::interval(Duration::from_millis(5));
+    while !cond() {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
+        poll.tick().await;
+    }
 }

@@ -9,3 +9,5 @@ mod errors;
 mod history;
 mod store_writer;
 mod tokens;
+mod ws;
+mod ws_delivery;

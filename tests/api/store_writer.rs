@@ -163,9 +163,11 @@ async fn a_bad_message_in_a_batch_fails_alone() {
     let a = store.create_user("a", None).await.unwrap().unwrap();
     let b = store.create_user("b", None).await.unwrap().unwrap();
     let (chat, _) = store.initiate_direct_chat(a.id, b.id).await.unwrap();
+    // A sender that does not exist passes the chat check but fails its
+    // insert inside the writer's batch (foreign key).
     let sends = (0..30).map(|i| {
-        let target = if i == 15 { chat + 999 } else { chat };
-        store.send_message(msg(target, a.id, format!("m{i}"), None))
+        let sender = if i == 15 { b.id + 999 } else { a.id };
+        store.send_message(msg(chat, sender, format!("m{i}"), None))
     });
     let results = futures_util::future::join_all(sends).await;
     for (i, r) in results.into_iter().enumerate() {
@@ -183,6 +185,22 @@ async fn a_bad_message_in_a_batch_fails_alone() {
         .await
         .unwrap();
     assert_eq!(page.len(), 29);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn sending_to_a_chat_that_does_not_exist_is_chat_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let a = store.create_user("a", None).await.unwrap().unwrap();
+    let err = store
+        .send_message(msg(42, a.id, "x".into(), None))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, shindensen::store::StoreError::ChatNotFound),
+        "{err:?}"
+    );
     store.close().await;
 }
 

@@ -1,0 +1,149 @@
+//! The hub: which connections each user has open, and fan-out.
+//!
+//! The writer calls [`Hub::committed`] right after each COMMIT, in id
+//! order, on its own task; so every connection's queue receives a chat's
+//! messages in id order, the order history returns. Each message is encoded
+//! once per audience (plain for everyone, plus one carrying `client_msg_id`
+//! for the sender's own connections) and the same bytes are queued to each
+//! connection. Queues are bounded: a connection whose queue is full is told
+//! to close with 4008 (it resumes with `?since=`); nobody else waits for it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+
+use super::connection::{CloseReason, ConnControl};
+use super::protocol::message_frame;
+use crate::store::{CommitSink, StoredMessage};
+
+/// A frame queued for one connection.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// A chat message; the id lets a resuming connection skip what it replayed.
+    Message { id: i64, text: Utf8Bytes },
+    /// Anything else (ack, error).
+    Control(Utf8Bytes),
+}
+
+/// The hub's handle on one connection.
+pub struct ConnHandle {
+    pub id: u64,
+    pub tx: mpsc::Sender<Outbound>,
+    pub control: Arc<ConnControl>,
+}
+
+impl ConnHandle {
+    /// Queues a frame without waiting; a full queue closes the connection.
+    pub fn push(&self, frame: Outbound) -> bool {
+        match self.tx.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.control.close(CloseReason::SlowConsumer);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Hub {
+    users: DashMap<i64, Vec<Arc<ConnHandle>>>,
+    next_id: AtomicU64,
+    connections: AtomicU64,
+}
+
+impl Hub {
+    pub fn new() -> Self {
+        Hub::default()
+    }
+
+    /// Registers a connection of `user_id`; from now on it receives every
+    /// message committed in the user's chats.
+    pub fn register(
+        &self,
+        user_id: i64,
+        tx: mpsc::Sender<Outbound>,
+        control: Arc<ConnControl>,
+    ) -> Arc<ConnHandle> {
+        let handle = Arc::new(ConnHandle {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            tx,
+            control,
+        });
+        self.users.entry(user_id).or_default().push(handle.clone());
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        handle
+    }
+
+    /// Removes a connection; the user's entry goes when its last connection does.
+    pub fn unregister(&self, user_id: i64, conn_id: u64) {
+        let mut removed = false;
+        if let Some(mut conns) = self.users.get_mut(&user_id) {
+            let before = conns.len();
+            conns.retain(|c| c.id != conn_id);
+            removed = conns.len() < before;
+        }
+        self.users.remove_if(&user_id, |_, conns| conns.is_empty());
+        if removed {
+            self.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Open connections.
+    pub fn connection_count(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Users with at least one open connection.
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Asks every connection to close with `reason`.
+    pub fn close_all(&self, reason: CloseReason) {
+        for entry in self.users.iter() {
+            for c in entry.value() {
+                c.control.close(reason);
+            }
+        }
+    }
+
+    fn deliver(&self, m: &StoredMessage) {
+        let plain = message_frame(&m.message, None);
+        let own = match &m.client_msg_id {
+            Some(key) => message_frame(&m.message, Some(key)),
+            None => plain.clone(),
+        };
+        for user in m.members {
+            let Some(conns) = self.users.get(&user) else {
+                continue;
+            };
+            let text = if user == m.message.sender_id {
+                &own
+            } else {
+                &plain
+            };
+            for c in conns.iter() {
+                c.push(Outbound::Message {
+                    id: m.message.id,
+                    text: text.clone(),
+                });
+            }
+        }
+    }
+}
+
+impl CommitSink for Hub {
+    fn committed(&self, batch: &[Arc<StoredMessage>]) {
+        for m in batch {
+            self.deliver(m);
+        }
+    }
+
+    fn batch_committed(&self, _size: usize, _commit: Duration) {}
+}

@@ -33,7 +33,9 @@ pub struct AppInner {
     pub login_user: KeyedLimiter<String>,
     /// Open WebSocket connections, for fan-out.
     pub hub: Arc<Hub>,
-    /// Cancelled when shutdown begins: readiness fails and connections close.
+    /// Cancelled the moment shutdown is requested: readiness fails.
+    pub draining: CancellationToken,
+    /// Cancelled after the drain delay: stop accepting, WebSockets close.
     pub shutdown: CancellationToken,
     /// Tracks WebSocket connections so shutdown can wait for them to flush.
     pub ws_tracker: TaskTracker,
@@ -48,6 +50,7 @@ impl Deref for AppState {
 
 pub struct Application {
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     state: AppState,
 }
 
@@ -65,6 +68,15 @@ impl Application {
         let listener = TcpListener::bind(&settings.server.listen)
             .await
             .with_context(|| format!("binding server.listen = {}", settings.server.listen))?;
+        let metrics_listener = match settings.metrics.listen.as_str() {
+            "" => None,
+            addr => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding metrics.listen = {addr}"))?,
+            ),
+        };
+        crate::telemetry::metrics::install();
         let hash_concurrency = std::thread::available_parallelism().map_or(2, |n| n.get());
         let state = AppState(Arc::new(AppInner {
             jwt: JwtKeys::new(&secret, settings.auth.token_ttl_secs),
@@ -73,11 +85,16 @@ impl Application {
             login_user: KeyedLimiter::new(settings.auth.login_attempts_per_username, window),
             store,
             hub,
+            draining: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             ws_tracker: TaskTracker::new(),
             settings,
         }));
-        Ok(Application { listener, state })
+        Ok(Application {
+            listener,
+            metrics_listener,
+            state,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -90,41 +107,82 @@ impl Application {
         self.local_addr().port()
     }
 
+    /// Address of the separate metrics listener, if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
     pub fn state(&self) -> AppState {
         self.state.clone()
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting, lets
-    /// in-flight requests finish, lets every queued write commit, and
-    /// closes the database.
+    /// Serves until `shutdown` resolves, then shuts down in order:
+    /// readiness fails at once; after `shutdown.drain_delay_ms` the
+    /// listeners stop accepting and WebSockets stop reading, commit and ack
+    /// what they received and close with 1001; in-flight HTTP requests
+    /// finish; the writer commits everything queued; the database closes.
+    /// All of it within `shutdown.grace_period_ms`.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let state = self.state.clone();
-        let token = state.shutdown.clone();
+        let settings = &state.settings;
+        let grace = Duration::from_millis(settings.shutdown.grace_period_ms);
+        let header_timeout = Duration::from_millis(settings.server.header_read_timeout_ms);
         tracing::info!(addr = %self.local_addr(), "shindensen listening");
-        let app = crate::http::router(state.clone());
-        let signal = {
-            let token = token.clone();
-            async move {
-                shutdown.await;
-                tracing::info!("shutdown requested");
-                token.cancel();
-            }
-        };
-        axum::serve(
+        let main = tokio::spawn(crate::http::server::serve(
             self.listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(signal)
-        .await
-        .context("serving")?;
-        // WebSocket connections saw the cancellation: they stop reading, let
-        // what they received commit, send the acks and close with 1001.
-        state.ws_tracker.close();
-        state.ws_tracker.wait().await;
-        state.store.close().await;
+            crate::http::router(state.clone()),
+            header_timeout,
+            state.shutdown.clone(),
+            grace,
+        ));
+        let ops = self.metrics_listener.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "metrics and probes listening");
+            }
+            tokio::spawn(crate::http::server::serve(
+                listener,
+                crate::http::ops_router(state.clone()),
+                header_timeout,
+                state.shutdown.clone(),
+                grace,
+            ))
+        });
+
+        shutdown.await;
+        let started = tokio::time::Instant::now();
+        tracing::info!("shutdown requested: readiness now fails");
+        state.draining.cancel();
+        let drain = Duration::from_millis(settings.shutdown.drain_delay_ms).min(grace / 2);
+        tokio::time::sleep(drain).await;
+        state.shutdown.cancel();
+
+        let deadline = started + grace;
+        let stopped = tokio::time::timeout_at(deadline, async {
+            let _ = main.await;
+            if let Some(ops) = ops {
+                let _ = ops.await;
+            }
+            // WebSocket connections saw the cancellation: they stop reading,
+            // let what they received commit, send the acks and close.
+            state.ws_tracker.close();
+            state.ws_tracker.wait().await;
+        })
+        .await;
+        if stopped.is_err() {
+            tracing::warn!("connections did not close within the grace period");
+        }
+        // Everything queued for the writer commits before it stops.
+        if tokio::time::timeout_at(deadline + Duration::from_secs(5), state.store.close())
+            .await
+            .is_err()
+        {
+            tracing::error!("the database writer did not stop in time");
+        }
         tracing::info!("shutdown complete");
         Ok(())
     }

@@ -31,6 +31,55 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub ws: WsSettings,
     pub log: LogSettings,
+    pub metrics: MetricsSettings,
+    pub tracing: TracingSettings,
+    pub shutdown: ShutdownSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Serve `GET /metrics` on the public listener.
+    pub on_main_port: bool,
+    /// Also serve `/metrics` (and the probes) on this address; empty: no extra listener.
+    pub listen: String,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            on_main_port: true,
+            listen: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingSettings {
+    /// OTLP/HTTP (protobuf) endpoint, e.g. `http://collector:4318`. Empty:
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
+    /// if set, else tracing export is off.
+    pub otlp_endpoint: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// After SIGTERM, keep serving (readiness already failing) this long so
+    /// load balancers stop sending traffic, in milliseconds.
+    pub drain_delay_ms: u64,
+    /// The most a shutdown may take in all; then the process exits anyway.
+    pub grace_period_ms: u64,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        Self {
+            drain_delay_ms: 0,
+            grace_period_ms: 20_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -42,6 +91,10 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     /// Time limit for one HTTP request (not WebSocket sessions), in milliseconds.
     pub request_timeout_ms: u64,
+    /// A client must send its request headers within this time, in milliseconds.
+    pub header_read_timeout_ms: u64,
+    /// Origins allowed by CORS (`["*"]` for any); empty: no CORS headers.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl Default for ServerSettings {
@@ -50,6 +103,8 @@ impl Default for ServerSettings {
             listen: "0.0.0.0:3000".into(),
             max_body_bytes: 64 * 1024,
             request_timeout_ms: 10_000,
+            header_read_timeout_ms: 10_000,
+            cors_allowed_origins: Vec::new(),
         }
     }
 }
@@ -250,6 +305,8 @@ impl Settings {
             config::Environment::with_prefix("SHINDENSEN")
                 .prefix_separator("_")
                 .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("server.cors_allowed_origins")
                 .source(Some(overrides)),
         );
 
@@ -285,8 +342,28 @@ impl Settings {
         if self.server.max_body_bytes < 1024 {
             return fail("server.max_body_bytes", "must be at least 1024");
         }
-        if self.server.request_timeout_ms == 0 {
-            return fail("server.request_timeout_ms", "must be greater than 0");
+        if self.server.request_timeout_ms == 0 || self.server.header_read_timeout_ms == 0 {
+            return fail(
+                "server.request_timeout_ms / server.header_read_timeout_ms",
+                "must be greater than 0",
+            );
+        }
+        for origin in &self.server.cors_allowed_origins {
+            if origin != "*" && axum::http::HeaderValue::from_str(origin).is_err() {
+                return fail(
+                    "server.cors_allowed_origins",
+                    "entries must be origins such as https://app.example.com, or \"*\"",
+                );
+            }
+        }
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
+            return fail(
+                "metrics.listen",
+                "must be empty or an IP address and port such as 0.0.0.0:9100",
+            );
+        }
+        if self.shutdown.grace_period_ms < 1_000 {
+            return fail("shutdown.grace_period_ms", "must be at least 1000");
         }
         if self.database.url.trim().is_empty() {
             return fail(

@@ -1,12 +1,16 @@
-//! The `shindensen` binary: serve (default), migrate, config.
+//! The `shindensen` binary: serve (default), migrate, healthcheck, backup, config.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shindensen::app::Application;
 use shindensen::config::Settings;
-use shindensen::store::{NoopSink, Store};
+use shindensen::store::{self, NoopSink, Store};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Parser)]
 #[command(name = "shindensen", version, about = "Messenger backend")]
@@ -24,11 +28,20 @@ enum Command {
     Serve,
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Exit 0 only when the local instance answers /readyz with 200 (for
+    /// container HEALTHCHECKs in images with no shell or curl).
+    Healthcheck {
+        /// Address to ask instead of the one `server.listen` names.
+        #[arg(long)]
+        addr: Option<SocketAddr>,
+    },
+    /// Write a consistent online copy of the database to PATH and check it.
+    Backup { path: PathBuf },
     /// Print the effective configuration, secrets redacted.
     Config,
 }
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     // Like the seed, read a `.env` in the working directory if there is one.
     let _ = dotenvy::dotenv();
     let cli = Cli::parse();
@@ -36,43 +49,101 @@ fn main() -> std::process::ExitCode {
         Ok(s) => s,
         Err(e) => {
             eprintln!("shindensen: {e}");
-            return std::process::ExitCode::from(2);
+            return ExitCode::from(2);
         }
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("shindensen: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
+            return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli.command.unwrap_or(Command::Serve), settings)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("shindensen: {e:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }
 
-async fn run(command: Command, settings: Settings) -> anyhow::Result<std::process::ExitCode> {
+async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve => {
-            shindensen::telemetry::init_logging(&settings.log);
+            let telemetry = shindensen::telemetry::init(&settings)?;
             let app = Application::build(settings).await?;
             app.run(shutdown_signal()).await?;
+            tokio::task::spawn_blocking(move || telemetry.shutdown(Duration::from_secs(5))).await?;
         }
         Command::Migrate => {
-            shindensen::telemetry::init_logging(&settings.log);
+            let _telemetry = shindensen::telemetry::init(&settings)?;
             let store = Store::open(&settings.database, std::sync::Arc::new(NoopSink))
                 .await
                 .context("opening the database and applying migrations")?;
             store.close().await;
             println!("migrations applied to {}", store.path().display());
         }
+        Command::Healthcheck { addr } => return Ok(healthcheck(&settings, addr).await),
+        Command::Backup { path } => {
+            let report = store::backup(&settings.database.url, &path)
+                .await
+                .with_context(|| format!("backing up to {}", path.display()))?;
+            println!(
+                "backup written to {}: {} bytes, {} users, {} chats, {} messages; integrity_check ok",
+                path.display(),
+                report.bytes,
+                report.users,
+                report.chats,
+                report.messages
+            );
+        }
         Command::Config => print!("{}", settings.redacted_toml()),
     }
-    Ok(std::process::ExitCode::SUCCESS)
+    Ok(ExitCode::SUCCESS)
+}
+
+/// GET /readyz on the local listener with a plain HTTP/1.1 request.
+async fn healthcheck(settings: &Settings, addr: Option<SocketAddr>) -> ExitCode {
+    let addr = addr.unwrap_or_else(|| {
+        let mut a: SocketAddr = settings
+            .server
+            .listen
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 3000)));
+        if a.ip().is_unspecified() {
+            a.set_ip(if a.is_ipv4() {
+                [127, 0, 0, 1].into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
+        a
+    });
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await?;
+        Ok::<_, std::io::Error>(head.starts_with(b"HTTP/1.1 200"))
+    };
+    match tokio::time::timeout(Duration::from_secs(3), probe).await {
+        Ok(Ok(true)) => ExitCode::SUCCESS,
+        Ok(Ok(false)) => {
+            eprintln!("shindensen: {addr} is not ready");
+            ExitCode::FAILURE
+        }
+        Ok(Err(e)) => {
+            eprintln!("shindensen: cannot reach {addr}: {e}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("shindensen: {addr} did not answer within 3 s");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -18,6 +18,7 @@ use super::extract::AppJson;
 use crate::app::AppState;
 use crate::config::AuthMode;
 use crate::store::User;
+use crate::telemetry::metrics::auth_failure;
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct LoginRequest {
@@ -104,12 +105,14 @@ impl AppState {
     ) -> Result<T, ApiError> {
         let ip = addr.ip();
         let name = username.to_ascii_lowercase();
-        self.login_ip
-            .try_take(&ip)
-            .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
+        let limited = |retry_after| {
+            auth_failure("rate_limited");
+            ApiError::RateLimited { retry_after }
+        };
+        self.login_ip.try_take(&ip).map_err(limited)?;
         if let Err(retry_after) = self.login_user.try_take(&name) {
             self.login_ip.give_back(&ip);
-            return Err(ApiError::RateLimited { retry_after });
+            return Err(limited(retry_after));
         }
         let result = attempt.await;
         // Only a wrong guess (credentials, or probing for taken names) spends
@@ -118,7 +121,12 @@ impl AppState {
             result,
             Err(ApiError::InvalidCredentials | ApiError::UsernameTaken)
         );
-        if !guess {
+        if guess {
+            auth_failure(match result {
+                Err(ApiError::UsernameTaken) => "username_taken",
+                _ => "invalid_credentials",
+            });
+        } else {
             self.login_ip.give_back(&ip);
             self.login_user.give_back(&name);
         }

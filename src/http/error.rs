@@ -52,6 +52,8 @@ pub enum ApiError {
     RateLimited { retry_after: Duration },
     #[error("service is not ready")]
     NotReady,
+    #[error("the request took too long")]
+    RequestTimeout,
     #[error("internal server error")]
     Internal(#[source] anyhow::Error),
 }
@@ -79,6 +81,7 @@ impl ApiError {
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -98,6 +101,7 @@ impl ApiError {
             ApiError::Unprocessable { code, .. } => code,
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::NotReady => "not_ready",
+            ApiError::RequestTimeout => "request_timeout",
             ApiError::Internal(_) => "internal_error",
         }
     }

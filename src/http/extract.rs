@@ -68,10 +68,10 @@ pub struct AuthUser {
 impl AuthUser {
     /// Verifies a raw token.
     pub fn from_token(state: &AppState, token: &str) -> Result<AuthUser, ApiError> {
-        let (id, username) = state
-            .jwt
-            .verify(token)
-            .map_err(|_| ApiError::InvalidToken)?;
+        let (id, username) = state.jwt.verify(token).map_err(|_| {
+            crate::telemetry::metrics::auth_failure("invalid_token");
+            ApiError::InvalidToken
+        })?;
         Ok(AuthUser { id, username })
     }
 
@@ -100,7 +100,10 @@ impl FromRequestParts<AppState> for AuthUser {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let token = AuthUser::bearer(&parts.headers).ok_or(ApiError::MissingToken)??;
+        let token = AuthUser::bearer(&parts.headers).ok_or_else(|| {
+            crate::telemetry::metrics::auth_failure("missing_token");
+            ApiError::MissingToken
+        })??;
         AuthUser::from_token(state, token)
     }
 }

@@ -54,12 +54,13 @@ pub async fn live() -> Json<Health> {
     responses((status = 200, body = Readiness), (status = 503, body = Readiness))
 )]
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
-    let lifecycle = if state.shutdown.is_cancelled() {
+    let lifecycle = if state.draining.is_cancelled() {
         "shutting_down".to_string()
     } else {
         "ok".to_string()
     };
     let (database, migrations) = match tokio::time::timeout(READY_TIMEOUT, async {
+        state.store.check_file()?;
         state.store.ping().await?;
         state.store.migrations_applied().await
     })
@@ -100,4 +101,15 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness
             }),
         )
     }
+}
+
+/// Prometheus text exposition.
+pub async fn metrics() -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::telemetry::metrics::render(),
+    )
 }

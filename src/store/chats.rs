@@ -53,6 +53,7 @@ impl Store {
     }
 
     /// The user's chats, most recent activity (last message, else creation) first.
+    #[tracing::instrument(name = "db.chats_of", skip_all, fields(db.system.name = "sqlite"))]
     pub async fn chats_of(&self, user_id: i64) -> Result<Vec<ChatSummary>, StoreError> {
         let rows = sqlx::query!(
             r#"SELECT c.id AS "chat_id!", c.created_at AS "chat_created_at!",

@@ -70,6 +70,7 @@ impl Store {
     }
 
     /// A window of one chat's history, ascending by id.
+    #[tracing::instrument(name = "db.history", skip_all, fields(db.system.name = "sqlite", chat_id))]
     pub async fn history(
         &self,
         chat_id: i64,
@@ -129,6 +130,7 @@ pub struct ReplayedMessage {
 impl Store {
     /// Messages with an id greater than `since` from all of the user's
     /// chats, ascending, at most `limit`.
+    #[tracing::instrument(name = "db.messages_since", skip_all, fields(db.system.name = "sqlite", since))]
     pub async fn messages_since(
         &self,
         user_id: i64,

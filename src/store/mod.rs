@@ -77,6 +77,8 @@ pub struct Store {
     path: Arc<PathBuf>,
     /// Members of each chat. Chats never change members, so entries never go stale.
     members: Arc<DashMap<i64, [i64; 2]>>,
+    /// Device and inode of the database file when it was opened.
+    identity: Option<(u64, u64)>,
 }
 
 impl Store {
@@ -113,17 +115,32 @@ impl Store {
             .await?;
 
         let writer = writer::spawn(write_conn, settings, sink);
+        let identity = file_identity(&path);
         Ok(Store {
             read,
             writer,
             path: Arc::new(path),
             members: Arc::new(DashMap::new()),
+            identity,
         })
     }
 
     /// Path of the database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Fails when the database file is gone or was replaced since it was
+    /// opened (a volume unmounted, the file deleted or moved): the open
+    /// connections would keep working on a file nobody will see again.
+    pub fn check_file(&self) -> Result<(), StoreError> {
+        if self.identity.is_some() && file_identity(&self.path) != self.identity {
+            return Err(StoreError::Io(Arc::new(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the database file is missing or was replaced",
+            ))));
+        }
+        Ok(())
     }
 
     /// One round trip to the database through the read pool.
@@ -163,10 +180,87 @@ fn connect_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
     Ok(opts)
 }
 
+#[cfg(unix)]
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_identity(_path: &Path) -> Option<(u64, u64)> {
+    None
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub(crate) fn now_millis() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// What [`backup`] copied.
+#[derive(Debug, Clone, Copy)]
+pub struct BackupReport {
+    pub bytes: u64,
+    pub users: i64,
+    pub chats: i64,
+    pub messages: i64,
+}
+
+/// Writes a consistent online copy of the database at `url` to `target`
+/// with `VACUUM INTO` (a snapshot: writers keep going meanwhile), then
+/// checks the copy with `PRAGMA integrity_check`. `target` must not exist.
+pub async fn backup(url: &str, target: &Path) -> Result<BackupReport, StoreError> {
+    if target.exists() {
+        return Err(StoreError::Io(Arc::new(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} already exists; choose a new file", target.display()),
+        ))));
+    }
+    let target_str = target.to_str().ok_or_else(|| {
+        StoreError::Io(Arc::new(std::io::Error::other("backup path is not UTF-8")))
+    })?;
+    let mut source = connect_options(url)?
+        .read_only(true)
+        .busy_timeout(Duration::from_secs(30))
+        .connect()
+        .await?;
+    sqlx::query("VACUUM INTO ?")
+        .bind(target_str)
+        .execute(&mut source)
+        .await?;
+    let _ = sqlx::Connection::close(source).await;
+
+    let mut copy = SqliteConnectOptions::new()
+        .filename(target)
+        .read_only(true)
+        .connect()
+        .await?;
+    let check: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(&mut copy)
+        .await?;
+    if check != "ok" {
+        return Err(StoreError::Io(Arc::new(std::io::Error::other(format!(
+            "integrity_check of the copy failed: {check}"
+        )))));
+    }
+    let count = |table: &'static str| format!("SELECT count(*) FROM {table}");
+    let mut report = BackupReport {
+        bytes: std::fs::metadata(target)?.len(),
+        users: 0,
+        chats: 0,
+        messages: 0,
+    };
+    for (table, slot) in [
+        ("users", &mut report.users),
+        ("chats", &mut report.chats),
+        ("messages", &mut report.messages),
+    ] {
+        *slot = sqlx::query_scalar(sqlx::AssertSqlSafe(count(table)))
+            .fetch_one(&mut copy)
+            .await?;
+    }
+    let _ = sqlx::Connection::close(copy).await;
+    Ok(report)
 }

@@ -22,6 +22,7 @@ pub struct UserRecord {
 
 impl Store {
     /// Looks a user up by name, case-insensitively.
+    #[tracing::instrument(name = "db.user_by_name", skip_all, fields(db.system.name = "sqlite"))]
     pub async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>, StoreError> {
         let row = sqlx::query!(
             r#"SELECT id AS "id!", username, password_hash FROM users WHERE username = ?"#,

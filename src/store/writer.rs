@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use sqlx::{Connection, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use super::{Message, StoreError, Timestamp, User, now_millis};
 use crate::config::DatabaseSettings;
@@ -58,7 +59,8 @@ impl SendOutcome {
 /// Receives every newly committed message, in id order, right after COMMIT.
 /// Called on the writer task: it must not block.
 pub trait CommitSink: Send + Sync + 'static {
-    fn committed(&self, batch: &[Arc<StoredMessage>]);
+    /// `committed_at` is when COMMIT returned.
+    fn committed(&self, batch: &[Arc<StoredMessage>], committed_at: Instant);
 
     /// Called once per batch with its size and commit duration (metrics).
     fn batch_committed(&self, _size: usize, _commit: std::time::Duration) {}
@@ -68,7 +70,7 @@ pub trait CommitSink: Send + Sync + 'static {
 pub struct NoopSink;
 
 impl CommitSink for NoopSink {
-    fn committed(&self, _batch: &[Arc<StoredMessage>]) {}
+    fn committed(&self, _batch: &[Arc<StoredMessage>], _committed_at: Instant) {}
 }
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -242,10 +244,18 @@ impl Writer {
     async fn commit_messages(&mut self, batch: &mut Vec<Queued>) {
         let ts = self.timestamp();
         let started = Instant::now();
-        match self.insert_all(batch, ts).await {
+        let span = tracing::info_span!(
+            "db.write_batch",
+            otel.name = "db.write_batch",
+            db.system.name = "sqlite",
+            db.operation.batch.size = batch.len()
+        );
+        let result = self.insert_all(batch, ts).instrument(span).await;
+        let committed_at = Instant::now();
+        match result {
             Ok(outcomes) => {
                 let size = batch.len();
-                self.sink.batch_committed(size, started.elapsed());
+                self.sink.batch_committed(size, committed_at - started);
                 let created: Vec<Arc<StoredMessage>> = outcomes
                     .iter()
                     .filter_map(|o| match o {
@@ -254,7 +264,7 @@ impl Writer {
                     })
                     .collect();
                 if !created.is_empty() {
-                    self.sink.committed(&created);
+                    self.sink.committed(&created, committed_at);
                 }
                 for (queued, outcome) in batch.drain(..).zip(outcomes) {
                     let _ = queued.reply.send(Ok(outcome));
@@ -271,7 +281,7 @@ impl Writer {
                         Ok(mut outcomes) => {
                             let outcome = outcomes.pop().expect("one outcome");
                             if let SendOutcome::Created(m) = &outcome {
-                                self.sink.committed(std::slice::from_ref(m));
+                                self.sink.committed(std::slice::from_ref(m), Instant::now());
                             }
                             let _ = reply.send(Ok(outcome));
                         }

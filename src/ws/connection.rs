@@ -28,6 +28,8 @@ use crate::app::AppState;
 use crate::http::extract::AuthUser;
 use crate::ratelimit::TokenBucket;
 use crate::store::{NewMessage, SendOutcome, StoreError};
+use crate::telemetry::{self, metrics as m};
+use tracing::Instrument;
 
 /// How long a closing connection may take to flush on shutdown.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
@@ -140,16 +142,22 @@ pub async fn serve(socket: WebSocket, state: AppState, user: AuthUser, since: Op
     let handle = state.hub.register(user.id, tx, control.clone());
     tracing::debug!(user_id = user.id, conn = handle.id, "websocket connected");
 
+    let span = tracing::info_span!(
+        "ws_connection",
+        otel.name = "WS /ws",
+        otel.kind = "server",
+        enduser.id = user.id,
+        ws.resume_since = since,
+        ws.close_reason = tracing::field::Empty,
+    );
     let (sink, stream) = socket.split();
-    let writer = tokio::spawn(write_half(
-        sink,
-        rx,
-        control.clone(),
-        state.clone(),
-        user.id,
-        since,
-    ));
-    let mut stream = read_half(stream, &handle, &control, &state, &user).await;
+    let writer = tokio::spawn(
+        write_half(sink, rx, control.clone(), state.clone(), user.id, since)
+            .instrument(span.clone()),
+    );
+    let mut stream = read_half(stream, &handle, &control, &state, &user, &span)
+        .instrument(span.clone())
+        .await;
     state.hub.unregister(user.id, handle.id);
     drop(handle);
 
@@ -188,13 +196,17 @@ async fn read_half(
     control: &ConnControl,
     state: &AppState,
     user: &AuthUser,
+    conn_span: &tracing::Span,
 ) -> SplitStream<WebSocket> {
     let ws = &state.settings.ws;
     let mut bucket = TokenBucket::new(f64::from(ws.send_burst), ws.send_rate_per_sec);
     let sender: Arc<str> = user.username.as_str().into();
     let mut pending = FuturesOrdered::new();
     let mut draining = false;
-    let error = |e: FrameError| handle.push(Outbound::Control(protocol::error_frame(&e)));
+    let error = |e: FrameError| {
+        metrics::counter!(m::MESSAGES_REJECTED, "reason" => e.code).increment(1);
+        handle.push(Outbound::Control(protocol::error_frame(&e)))
+    };
 
     loop {
         tokio::select! {
@@ -205,8 +217,11 @@ async fn read_half(
                 let outcome: Result<SendOutcome, StoreError> = outcome;
                 match outcome {
                     Ok(outcome) => {
-                        let m = &outcome.stored().message;
-                        handle.push(Outbound::Control(protocol::ack_frame(m, key.as_deref())));
+                        if matches!(outcome, SendOutcome::Duplicate(_)) {
+                            metrics::counter!(m::MESSAGES_DUPLICATE).increment(1);
+                        }
+                        let msg = &outcome.stored().message;
+                        handle.push(Outbound::Control(protocol::ack_frame(msg, key.as_deref())));
                     }
                     Err(e) => {
                         error(store_error(e, key));
@@ -234,7 +249,19 @@ async fn read_half(
                             continue;
                         }
                         let key = send.client_msg_id.clone();
-                        match state.store.is_member(send.chat_id, user.id).await {
+                        // One span per message, from receipt through commit and
+                        // fan-out (which precede the ack) to the ack.
+                        let msg_span = tracing::info_span!(
+                            parent: conn_span,
+                            "ws.message",
+                            otel.name = "ws.message",
+                            chat_id = send.chat_id,
+                            message_id = tracing::field::Empty,
+                            duplicate = tracing::field::Empty,
+                            trace_id = tracing::field::Empty,
+                        );
+                        telemetry::record_trace_id(&msg_span);
+                        match state.store.is_member(send.chat_id, user.id).instrument(msg_span.clone()).await {
                             Ok(true) => {}
                             Ok(false) => {
                                 error(FrameError::new("chat_not_found", "chat not found", key));
@@ -256,7 +283,19 @@ async fn read_half(
                             })
                             .await;
                         match submitted {
-                            Ok(p) => pending.push_back(p.map(move |r| (key, r))),
+                            Ok(p) => {
+                                let span = msg_span.clone();
+                                pending.push_back(
+                                    p.map(move |r| {
+                                        if let Ok(o) = &r {
+                                            span.record("message_id", o.stored().message.id);
+                                            span.record("duplicate", matches!(o, SendOutcome::Duplicate(_)));
+                                        }
+                                        (key, r)
+                                    })
+                                    .instrument(msg_span),
+                                )
+                            }
                             Err(e) => {
                                 error(store_error(e, key));
                             }

@@ -10,15 +10,17 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
+use metrics::{counter, gauge, histogram};
 use tokio::sync::mpsc;
 
 use super::connection::{CloseReason, ConnControl};
 use super::protocol::message_frame;
 use crate::store::{CommitSink, StoredMessage};
+use crate::telemetry::metrics as m;
 
 /// A frame queued for one connection.
 #[derive(Debug, Clone)]
@@ -77,6 +79,8 @@ impl Hub {
         });
         self.users.entry(user_id).or_default().push(handle.clone());
         self.connections.fetch_add(1, Ordering::Relaxed);
+        gauge!(m::WS_CONNECTIONS).increment(1.0);
+        counter!(m::WS_OPENED).increment(1);
         handle
     }
 
@@ -91,6 +95,7 @@ impl Hub {
         self.users.remove_if(&user_id, |_, conns| conns.is_empty());
         if removed {
             self.connections.fetch_sub(1, Ordering::Relaxed);
+            gauge!(m::WS_CONNECTIONS).decrement(1.0);
         }
     }
 
@@ -113,37 +118,52 @@ impl Hub {
         }
     }
 
-    fn deliver(&self, m: &StoredMessage) {
-        let plain = message_frame(&m.message, None);
-        let own = match &m.client_msg_id {
-            Some(key) => message_frame(&m.message, Some(key)),
+    /// Queues the message to every connection of its audience; returns
+    /// how many connections it was queued to.
+    fn deliver(&self, msg: &StoredMessage) -> u64 {
+        let plain = message_frame(&msg.message, None);
+        let own = match &msg.client_msg_id {
+            Some(key) => message_frame(&msg.message, Some(key)),
             None => plain.clone(),
         };
-        for user in m.members {
+        let mut delivered = 0;
+        for user in msg.members {
             let Some(conns) = self.users.get(&user) else {
                 continue;
             };
-            let text = if user == m.message.sender_id {
+            let text = if user == msg.message.sender_id {
                 &own
             } else {
                 &plain
             };
             for c in conns.iter() {
-                c.push(Outbound::Message {
-                    id: m.message.id,
+                let queued = c.push(Outbound::Message {
+                    id: msg.message.id,
                     text: text.clone(),
                 });
+                delivered += u64::from(queued);
             }
         }
+        delivered
     }
 }
 
 impl CommitSink for Hub {
-    fn committed(&self, batch: &[Arc<StoredMessage>]) {
-        for m in batch {
-            self.deliver(m);
+    fn committed(&self, batch: &[Arc<StoredMessage>], committed_at: Instant) {
+        let mut delivered = 0;
+        for msg in batch {
+            delivered += self.deliver(msg);
+        }
+        counter!(m::MESSAGES_ACCEPTED).increment(batch.len() as u64);
+        counter!(m::MESSAGES_DELIVERED).increment(delivered);
+        // One observation per batch: the time until its last enqueue.
+        if delivered > 0 {
+            histogram!(m::DELIVERY_SECONDS).record(committed_at.elapsed().as_secs_f64());
         }
     }
 
-    fn batch_committed(&self, _size: usize, _commit: Duration) {}
+    fn batch_committed(&self, size: usize, commit: Duration) {
+        histogram!(m::DB_BATCH_SIZE).record(size as f64);
+        histogram!(m::DB_COMMIT_SECONDS).record(commit.as_secs_f64());
+    }
 }

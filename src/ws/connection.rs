@@ -160,6 +160,9 @@ pub async fn serve(socket: WebSocket, state: AppState, user: AuthUser, since: Op
         .await;
     state.hub.unregister(user.id, handle.id);
     drop(handle);
+    let reason = control.reason().as_str();
+    span.record("ws.close_reason", reason);
+    metrics::counter!(m::WS_CLOSED, "reason" => reason).increment(1);
 
     // Complete the close handshake: keep reading until the client's close
     // reply (or the end of the stream) while the writer sends our close

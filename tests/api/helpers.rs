@@ -17,9 +17,23 @@ use tokio::task::JoinHandle;
 pub const TEST_SECRET: &str = "test-secret-test-secret-test-secret-0123456789";
 pub const PASSWORD: &str = "correct horse battery";
 
-pub struct TestApp {
+/// A client of one running server (in-process or a child process).
+pub struct Api {
     pub base: String,
     pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(addr: &str) -> Api {
+        Api {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+        }
+    }
+}
+
+pub struct TestApp {
+    pub api: Api,
     pub state: AppState,
     pub dir: Arc<TempDir>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -63,8 +77,7 @@ impl TestApp {
             let _ = rx.await;
         }));
         TestApp {
-            base: format!("http://{addr}"),
-            http: reqwest::Client::new(),
+            api: Api::new(&addr.to_string()),
             state,
             dir,
             shutdown: Some(tx),
@@ -74,6 +87,13 @@ impl TestApp {
 
     pub fn db_path(&self) -> PathBuf {
         self.dir.path().join("test.db")
+    }
+
+    /// Starts a graceful shutdown without waiting for it.
+    pub fn signal_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
     }
 
     /// Shuts the app down gracefully and waits for it to finish.
@@ -87,6 +107,28 @@ impl TestApp {
         self.dir.clone()
     }
 
+    /// Stores a message through the same writer the WebSocket uses.
+    pub async fn store_message(&self, sender: &TestUser, chat_id: i64, content: &str) -> i64 {
+        let outcome = self
+            .state
+            .store
+            .send_message(NewMessage {
+                chat_id,
+                sender_id: sender.id,
+                sender: sender.username.as_str().into(),
+                content: content.into(),
+                client_msg_id: None,
+            })
+            .await
+            .expect("message stored");
+        match outcome {
+            SendOutcome::Created(m) => m.message.id,
+            SendOutcome::Duplicate(_) => panic!("unexpected duplicate"),
+        }
+    }
+}
+
+impl Api {
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
@@ -165,25 +207,12 @@ impl TestApp {
         self.get(&format!("/chats/{chat}/messages{query}"), Some(&who.token))
             .await
     }
+}
 
-    /// Stores a message through the same writer the WebSocket uses.
-    pub async fn store_message(&self, sender: &TestUser, chat_id: i64, content: &str) -> i64 {
-        let outcome = self
-            .state
-            .store
-            .send_message(NewMessage {
-                chat_id,
-                sender_id: sender.id,
-                sender: sender.username.as_str().into(),
-                content: content.into(),
-                client_msg_id: None,
-            })
-            .await
-            .expect("message stored");
-        match outcome {
-            SendOutcome::Created(m) => m.message.id,
-            SendOutcome::Duplicate(_) => panic!("unexpected duplicate"),
-        }
+impl std::ops::Deref for TestApp {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
     }
 }
 
@@ -221,7 +250,7 @@ pub struct WsClient {
     pub stream: WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>,
 }
 
-impl TestApp {
+impl Api {
     pub fn ws_url(&self, query: &str) -> String {
         format!("ws://{}/ws{query}", self.base.trim_start_matches("http://"))
     }

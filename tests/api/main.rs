@@ -2,11 +2,14 @@
 //! test, spoken to over HTTP (and WebSocket).
 
 mod helpers;
+mod process;
 
 mod accounts;
 mod chats;
 mod errors;
 mod history;
+mod lifecycle;
+mod operations;
 mod store_writer;
 mod tokens;
 mod ws;

@@ -69,6 +69,16 @@ pub fn install() -> &'static PrometheusHandle {
             let process = metrics_process::Collector::default();
             process.describe();
             gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            // Unlabelled series exist from the start, so rates are 0, not absent.
+            for name in [
+                WS_OPENED,
+                MESSAGES_ACCEPTED,
+                MESSAGES_DUPLICATE,
+                MESSAGES_DELIVERED,
+            ] {
+                counter!(name).absolute(0);
+            }
+            gauge!(WS_CONNECTIONS).set(0.0);
             Registry { handle, process }
         })
         .handle

@@ -13,7 +13,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use sqlx::{Connection, SqliteConnection};
+use std::collections::HashMap;
+
+use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
@@ -74,6 +76,11 @@ impl CommitSink for NoopSink {
 }
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// Keys looked up per statement (2 variables each).
+const KEY_LOOKUP_CHUNK: usize = 400;
+/// Rows inserted per statement (5 variables each; SQLite allows 32,766).
+const INSERT_CHUNK: usize = 1000;
 
 /// A queued message insert.
 struct Queued {
@@ -295,72 +302,145 @@ impl Writer {
     }
 
     /// Inserts the batch in one transaction; nothing is visible or replied
-    /// before COMMIT returns.
+    /// before COMMIT returns. Three statements per batch, whatever its size:
+    /// one look-up of the idempotency keys already stored, one multi-row
+    /// INSERT of the new messages, COMMIT. (These are the store's only
+    /// dynamic queries; the shape is fixed, only the row count varies.)
     async fn insert_all(
         &mut self,
         batch: &[Queued],
         ts: i64,
     ) -> Result<Vec<SendOutcome>, StoreError> {
         let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await?;
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for queued in batch {
-            let (m, members) = (&queued.msg, &queued.members);
-            let inserted = sqlx::query_scalar!(
-                "INSERT INTO messages (chat_id, sender_id, content, client_msg_id, created_at)
-                 VALUES (?, ?, ?, ?, ?)
-                 ON CONFLICT DO NOTHING
-                 RETURNING id AS \"id!\"",
-                m.chat_id,
-                m.sender_id,
-                m.content,
-                m.client_msg_id,
-                ts
-            )
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_fk)?;
-            let outcome = match inserted {
-                Some(id) => SendOutcome::Created(Arc::new(StoredMessage {
-                    message: Message {
-                        id,
-                        chat_id: m.chat_id,
-                        sender: m.sender.to_string(),
-                        sender_id: m.sender_id,
-                        content: m.content.clone(),
-                        timestamp: Timestamp(ts),
-                    },
-                    client_msg_id: m.client_msg_id.clone(),
-                    members: *members,
-                })),
-                None => {
-                    // The only uniqueness constraint an insert can hit is the
-                    // idempotency key: return the original.
-                    let orig = sqlx::query!(
-                        r#"SELECT id AS "id!", chat_id, content, created_at
-                           FROM messages WHERE sender_id = ? AND client_msg_id = ?"#,
-                        m.sender_id,
-                        m.client_msg_id
-                    )
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    SendOutcome::Duplicate(Arc::new(StoredMessage {
-                        message: Message {
-                            id: orig.id,
-                            chat_id: orig.chat_id,
-                            sender: m.sender.to_string(),
-                            sender_id: m.sender_id,
-                            content: orig.content,
-                            timestamp: Timestamp(orig.created_at),
-                        },
-                        client_msg_id: m.client_msg_id.clone(),
-                        members: *members,
-                    }))
+
+        // Keys this batch uses that are already stored: those sends are duplicates.
+        let mut stored: HashMap<(i64, &str), Arc<StoredMessage>> = HashMap::new();
+        let keyed: Vec<&Queued> = batch
+            .iter()
+            .filter(|q| q.msg.client_msg_id.is_some())
+            .collect();
+        for chunk in keyed.chunks(KEY_LOOKUP_CHUNK) {
+            let mut qb = QueryBuilder::<Sqlite>::new(
+                "SELECT k.column1 AS sender_id, k.column2 AS client_msg_id, m.id, m.chat_id, m.content, m.created_at FROM (",
+            );
+            qb.push_values(chunk, |mut row, q| {
+                row.push_bind(q.msg.sender_id)
+                    .push_bind(q.msg.client_msg_id.as_deref());
+            });
+            qb.push(
+                ") AS k JOIN messages m ON m.sender_id = k.column1 AND m.client_msg_id = k.column2",
+            );
+            for row in qb.build().fetch_all(&mut *tx).await? {
+                let sender_id: i64 = row.try_get("sender_id")?;
+                let key: String = row.try_get("client_msg_id")?;
+                let Some(q) = chunk.iter().find(|q| {
+                    q.msg.sender_id == sender_id
+                        && q.msg.client_msg_id.as_deref() == Some(key.as_str())
+                }) else {
+                    continue;
+                };
+                let message = Message {
+                    id: row.try_get("id")?,
+                    chat_id: row.try_get("chat_id")?,
+                    sender: q.msg.sender.to_string(),
+                    sender_id,
+                    content: row.try_get("content")?,
+                    timestamp: Timestamp(row.try_get("created_at")?),
+                };
+                let key_ref = q.msg.client_msg_id.as_deref().unwrap_or_default();
+                stored.insert(
+                    (sender_id, key_ref),
+                    Arc::new(StoredMessage {
+                        message,
+                        client_msg_id: Some(key),
+                        members: q.members,
+                    }),
+                );
+            }
+        }
+
+        // New rows, in queue order; a key repeated within the batch is stored once.
+        let mut fresh: Vec<usize> = Vec::with_capacity(batch.len());
+        let mut first_use: HashMap<(i64, &str), usize> = HashMap::new();
+        for (i, q) in batch.iter().enumerate() {
+            if let Some(key) = q.msg.client_msg_id.as_deref() {
+                if stored.contains_key(&(q.msg.sender_id, key)) {
+                    continue;
                 }
-            };
-            outcomes.push(outcome);
+                if first_use.insert((q.msg.sender_id, key), i).is_some() {
+                    continue;
+                }
+            }
+            fresh.push(i);
+        }
+        let mut ids: Vec<i64> = Vec::with_capacity(fresh.len());
+        for chunk in fresh.chunks(INSERT_CHUNK) {
+            let mut qb = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO messages (chat_id, sender_id, content, client_msg_id, created_at) ",
+            );
+            qb.push_values(chunk, |mut row, &i| {
+                let m = &batch[i].msg;
+                row.push_bind(m.chat_id)
+                    .push_bind(m.sender_id)
+                    .push_bind(m.content.as_str())
+                    .push_bind(m.client_msg_id.as_deref())
+                    .push_bind(ts);
+            });
+            qb.push(" RETURNING id");
+            let mut chunk_ids: Vec<i64> = qb
+                .build_query_scalar::<i64>()
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_fk)?;
+            // The single writer assigns rowids in VALUES order: ascending ids
+            // are the rows in order.
+            chunk_ids.sort_unstable();
+            ids.extend(chunk_ids);
+        }
+        if ids.len() != fresh.len() {
+            return Err(StoreError::Database(Arc::new(sqlx::Error::Protocol(
+                format!("inserted {} rows for {} messages", ids.len(), fresh.len()),
+            ))));
         }
         tx.commit().await?;
-        Ok(outcomes)
+
+        let mut created: HashMap<usize, Arc<StoredMessage>> = HashMap::with_capacity(fresh.len());
+        for (&i, id) in fresh.iter().zip(ids) {
+            let q = &batch[i];
+            created.insert(
+                i,
+                Arc::new(StoredMessage {
+                    message: Message {
+                        id,
+                        chat_id: q.msg.chat_id,
+                        sender: q.msg.sender.to_string(),
+                        sender_id: q.msg.sender_id,
+                        content: q.msg.content.clone(),
+                        timestamp: Timestamp(ts),
+                    },
+                    client_msg_id: q.msg.client_msg_id.clone(),
+                    members: q.members,
+                }),
+            );
+        }
+        Ok(batch
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                if let Some(m) = created.get(&i) {
+                    return SendOutcome::Created(m.clone());
+                }
+                let key = (
+                    q.msg.sender_id,
+                    q.msg.client_msg_id.as_deref().unwrap_or_default(),
+                );
+                match stored.get(&key) {
+                    Some(m) => SendOutcome::Duplicate(m.clone()),
+                    // Repeated within this batch: the duplicate of its first use.
+                    None => SendOutcome::Duplicate(created[&first_use[&key]].clone()),
+                }
+            })
+            .collect())
     }
 
     async fn create_user(

@@ -69,8 +69,7 @@ impl Store {
         Ok(PendingSend { rx })
     }
 
-    /// A window of one chat's history, ascending by id.
-    #[tracing::instrument(name = "db.history", skip_all, fields(db.system.name = "sqlite", chat_id))]
+    /// A window of one chat's history, ascending by id, as typed rows.
     pub async fn history(
         &self,
         chat_id: i64,
@@ -117,6 +116,18 @@ impl Store {
             out.reverse();
         }
         Ok(out)
+    }
+}
+
+/// A page of history already rendered as the API's JSON array (what
+/// `GET /chats/{id}/messages` returns): SQLite builds the array itself and
+/// the query runs on the synchronous read path (see `reader.rs`). Same
+/// fields, order and RFC 3339 millisecond timestamps as [`Message`]; a test
+/// compares pages with the WebSocket frames.
+impl Store {
+    #[tracing::instrument(name = "db.history", skip_all, fields(db.system.name = "sqlite", chat_id))]
+    pub fn history_json(&self, chat_id: i64, page: HistoryPage) -> Result<String, StoreError> {
+        self.reader.history_json(chat_id, page)
     }
 }
 

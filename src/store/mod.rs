@@ -11,6 +11,7 @@
 
 mod chats;
 mod messages;
+mod reader;
 mod time;
 mod users;
 mod writer;
@@ -79,6 +80,8 @@ pub struct Store {
     members: Arc<DashMap<i64, [i64; 2]>>,
     /// Device and inode of the database file when it was opened.
     identity: Option<(u64, u64)>,
+    /// Synchronous read connections for history pages.
+    reader: Arc<reader::SyncReader>,
 }
 
 impl Store {
@@ -110,13 +113,21 @@ impl Store {
 
         let read = SqlitePoolOptions::new()
             .max_connections(settings.read_pool_size)
-            .min_connections(1)
+            .min_connections(settings.read_pool_size)
+            // A local file does not go away between queries; a ping before
+            // every acquire doubled the cost of a history page.
+            .test_before_acquire(false)
             .connect_with(base.read_only(true))
             .await?;
 
         let writer = writer::spawn(write_conn, settings, sink);
         let identity = file_identity(&path);
+        let reader = Arc::new(reader::SyncReader::new(
+            path.clone(),
+            Duration::from_millis(settings.busy_timeout_ms),
+        ));
         Ok(Store {
+            reader,
             read,
             writer,
             path: Arc::new(path),
@@ -166,6 +177,7 @@ impl Store {
     /// writer and closes the connections. Later writes fail with `Closed`.
     pub async fn close(&self) {
         self.writer.shutdown().await;
+        self.reader.close();
         self.read.close().await;
     }
 }

@@ -126,3 +126,35 @@ async fn a_non_participant_gets_404_and_no_content() {
     let (status2, body2) = app.history(&eve, &(chat + 1000).to_string(), "").await;
     assert_eq!((status, &body), (status2, &body2));
 }
+
+#[tokio::test]
+async fn history_entries_equal_the_websocket_message_frames_exactly() {
+    let app = TestApp::spawn().await;
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let chat = app.chat(&alice, &bob).await;
+    let mut a = app.ws(&alice).await;
+    let mut b = app.ws(&bob).await;
+    let contents = [
+        "plain",
+        "\"quoted\" and \\backslashed\\",
+        "ünïcödé ✓ 🎉 日本語",
+        "line one\nline two\ttabbed",
+        "</script><b>html</b> & 'single'",
+    ];
+    let mut frames = Vec::new();
+    for (i, c) in contents.iter().enumerate() {
+        a.say(chat, c, &format!("k{i}")).await;
+        let mut f = b.next_of("message").await;
+        f.as_object_mut().unwrap().remove("type");
+        frames.push(f);
+    }
+    let (_, history) = app.history(&bob, &chat.to_string(), "").await;
+    assert_eq!(history.as_array().unwrap(), &frames);
+    let (_, after) = app
+        .history(&bob, &chat.to_string(), "?after=0&limit=2")
+        .await;
+    assert_eq!(after.as_array().unwrap(), &frames[..2]);
+    let (_, empty) = app.history(&bob, &chat.to_string(), "?after=999999").await;
+    assert_eq!(empty, serde_json::json!([]));
+}

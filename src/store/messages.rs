@@ -68,55 +68,6 @@ impl Store {
         let rx = self.writer.submit(msg, members).await?;
         Ok(PendingSend { rx })
     }
-
-    /// A window of one chat's history, ascending by id, as typed rows.
-    pub async fn history(
-        &self,
-        chat_id: i64,
-        page: HistoryPage,
-    ) -> Result<Vec<Message>, StoreError> {
-        let (after, before, limit, descending) = match page {
-            HistoryPage::Latest { limit } => (0, i64::MAX, limit, true),
-            HistoryPage::Before { id, limit } => (0, id, limit, true),
-            HistoryPage::After { id, limit } => (id, i64::MAX, limit, false),
-        };
-        let limit = i64::from(limit);
-        let mut out: Vec<Message> = if descending {
-            sqlx::query_as!(
-                Message,
-                r#"SELECT m.id AS "id!", m.chat_id, u.username AS sender, m.sender_id,
-                          m.content, m.created_at AS "timestamp: Timestamp"
-                   FROM messages m JOIN users u ON u.id = m.sender_id
-                   WHERE m.chat_id = ? AND m.id > ? AND m.id < ?
-                   ORDER BY m.id DESC LIMIT ?"#,
-                chat_id,
-                after,
-                before,
-                limit
-            )
-            .fetch_all(&self.read)
-            .await?
-        } else {
-            sqlx::query_as!(
-                Message,
-                r#"SELECT m.id AS "id!", m.chat_id, u.username AS sender, m.sender_id,
-                          m.content, m.created_at AS "timestamp: Timestamp"
-                   FROM messages m JOIN users u ON u.id = m.sender_id
-                   WHERE m.chat_id = ? AND m.id > ? AND m.id < ?
-                   ORDER BY m.id ASC LIMIT ?"#,
-                chat_id,
-                after,
-                before,
-                limit
-            )
-            .fetch_all(&self.read)
-            .await?
-        };
-        if descending {
-            out.reverse();
-        }
-        Ok(out)
-    }
 }
 
 /// A page of history already rendered as the API's JSON array (what

@@ -20,27 +20,28 @@ use super::{HistoryPage, StoreError};
 /// Connections kept for reuse; more are opened under load and dropped after.
 const KEEP: usize = 8;
 
-const LATEST_FIRST: &str = "
-    SELECT json_group_array(json_object(
-             'id', id, 'chat_id', chat_id, 'sender', sender, 'sender_id', sender_id,
-             'content', content, 'timestamp', ts) ORDER BY id)
-    FROM (SELECT m.id, m.chat_id, u.username AS sender, m.sender_id, m.content,
-                 strftime('%Y-%m-%dT%H:%M:%S', m.created_at / 1000, 'unixepoch')
-                   || printf('.%03dZ', m.created_at % 1000) AS ts
-          FROM messages m JOIN users u ON u.id = m.sender_id
-          WHERE m.chat_id = ?1 AND m.id > ?2 AND m.id < ?3
-          ORDER BY m.id DESC LIMIT ?4)";
+/// The page query; `$order` picks which end of the window the LIMIT keeps.
+/// The array is always ascending by id.
+macro_rules! page_sql {
+    ($order:literal) => {
+        concat!(
+            "SELECT json_group_array(json_object(
+               'id', id, 'chat_id', chat_id, 'sender', sender, 'sender_id', sender_id,
+               'content', content, 'timestamp', ts) ORDER BY id)
+             FROM (SELECT m.id, m.chat_id, u.username AS sender, m.sender_id, m.content,
+                          strftime('%Y-%m-%dT%H:%M:%S', m.created_at / 1000, 'unixepoch')
+                            || printf('.%03dZ', m.created_at % 1000) AS ts
+                   FROM messages m JOIN users u ON u.id = m.sender_id
+                   WHERE m.chat_id = ?1 AND m.id > ?2 AND m.id < ?3
+                   ORDER BY m.id ",
+            $order,
+            " LIMIT ?4)"
+        )
+    };
+}
 
-const OLDEST_FIRST: &str = "
-    SELECT json_group_array(json_object(
-             'id', id, 'chat_id', chat_id, 'sender', sender, 'sender_id', sender_id,
-             'content', content, 'timestamp', ts) ORDER BY id)
-    FROM (SELECT m.id, m.chat_id, u.username AS sender, m.sender_id, m.content,
-                 strftime('%Y-%m-%dT%H:%M:%S', m.created_at / 1000, 'unixepoch')
-                   || printf('.%03dZ', m.created_at % 1000) AS ts
-          FROM messages m JOIN users u ON u.id = m.sender_id
-          WHERE m.chat_id = ?1 AND m.id > ?2 AND m.id < ?3
-          ORDER BY m.id ASC LIMIT ?4)";
+const LATEST_FIRST: &str = page_sql!("DESC");
+const OLDEST_FIRST: &str = page_sql!("ASC");
 
 pub(super) struct SyncReader {
     path: PathBuf,

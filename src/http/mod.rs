@@ -142,6 +142,7 @@ fn request_span(req: &Request) -> tracing::Span {
             .unwrap_or_default(),
         request_id,
         trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
     );
     telemetry::continue_trace(&span, req.headers());
     span

@@ -144,12 +144,14 @@ pub fn continue_trace(span: &tracing::Span, headers: &HeaderMap) {
     record_trace_id(span);
 }
 
-/// Records `trace_id` on a span that declared it (when tracing is on).
+/// Records `trace_id` and `span_id` on a span that declared them (when
+/// tracing is on), so JSON log lines inside it carry both.
 pub fn record_trace_id(span: &tracing::Span) {
     use opentelemetry::trace::TraceContextExt;
     let cx = span.context();
     let sc = cx.span().span_context().clone();
     if sc.is_valid() {
         span.record("trace_id", tracing::field::display(sc.trace_id()));
+        span.record("span_id", tracing::field::display(sc.span_id()));
     }
 }

@@ -262,6 +262,7 @@ async fn read_half(
                             message_id = tracing::field::Empty,
                             duplicate = tracing::field::Empty,
                             trace_id = tracing::field::Empty,
+                            span_id = tracing::field::Empty,
                         );
                         telemetry::record_trace_id(&msg_span);
                         match state.store.is_member(send.chat_id, user.id).instrument(msg_span.clone()).await {

@@ -75,6 +75,7 @@ async fn traces_reach_an_otlp_receiver_with_the_callers_parent_and_message_ids()
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
             ("OTEL_SERVICE_NAME", "shindensen-test"),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("RUST_LOG", "info,shindensen=debug"),
         ],
     )
     .await;

@@ -70,11 +70,9 @@ impl Store {
     }
 }
 
-/// A page of history already rendered as the API's JSON array (what
-/// `GET /chats/{id}/messages` returns): SQLite builds the array itself and
-/// the query runs on the synchronous read path (see `reader.rs`). Same
-/// fields, order and RFC 3339 millisecond timestamps as [`Message`]; a test
-/// compares pages with the WebSocket frames.
+/// A page of history rendered as the API's JSON array of [`Message`]s (what
+/// `GET /chats/{id}/messages` returns), read on the synchronous read path
+/// (see `reader.rs`). A test compares pages with the WebSocket frames.
 impl Store {
     #[tracing::instrument(name = "db.history", skip_all, fields(db.system.name = "sqlite", chat_id))]
     pub fn history_json(&self, chat_id: i64, page: HistoryPage) -> Result<String, StoreError> {

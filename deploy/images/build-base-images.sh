@@ -11,6 +11,7 @@
 #            build inside it can fetch crates through TLS inspection.
 #
 # An image that already exists locally, or that can be pulled, is left alone.
+# BASE_IMAGES=runtime (or builder) limits the script to one of them.
 # Needs root, debootstrap and apt (installs debootstrap if missing).
 set -euo pipefail
 
@@ -102,5 +103,6 @@ build_builder() {
   log "$BUILDER_IMAGE: built ($(docker image inspect -f '{{.Size}}' "$BUILDER_IMAGE") bytes)"
 }
 
-have_or_pull "$RUNTIME_IMAGE" || build_runtime
-have_or_pull "$BUILDER_IMAGE" || build_builder
+# BASE_IMAGES selects which (default both): "runtime", "builder".
+case ${BASE_IMAGES:-runtime builder} in *runtime*) have_or_pull "$RUNTIME_IMAGE" || build_runtime ;; esac
+case ${BASE_IMAGES:-runtime builder} in *builder*) have_or_pull "$BUILDER_IMAGE" || build_builder ;; esac

@@ -157,7 +157,7 @@ pub async fn history(
     if !state.store.is_member(chat_id, me.id).await? {
         return Err(ApiError::ChatNotFound);
     }
-    // The page arrives from SQLite already as the JSON array of `Message`s.
+    // The page arrives already serialized: the JSON array of `Message`s.
     let body = state.store.history_json(chat_id, page)?;
     Ok(([(header::CONTENT_TYPE, "application/json")], body))
 }

@@ -23,7 +23,8 @@ pub enum Kind {
     Baseline,
 }
 
-/// How long after a step stragglers may still arrive.
+/// After a step, messages still missing once none has arrived for this long
+/// count as lost.
 const DRAIN: Duration = Duration::from_secs(5);
 /// Message content is padded to about this many bytes.
 const CONTENT_LEN: usize = 64;
@@ -187,12 +188,18 @@ pub async fn run(
         for t in tasks {
             senders.push(t.await?);
         }
+        // Drain: wait while deliveries still arrive; what is missing once
+        // nothing has arrived for DRAIN is lost (not merely late).
         let c = &counters[step];
-        let drained = Instant::now() + DRAIN;
-        while c.delivered.load(Ordering::Relaxed) < c.sent.load(Ordering::Relaxed)
-            && Instant::now() < drained
-        {
+        let mut last = c.delivered.load(Ordering::Relaxed);
+        let mut quiet_until = Instant::now() + DRAIN;
+        while last < c.sent.load(Ordering::Relaxed) && Instant::now() < quiet_until {
             tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = c.delivered.load(Ordering::Relaxed);
+            if now > last {
+                last = now;
+                quiet_until = Instant::now() + DRAIN;
+            }
         }
         results.push((rate, end));
     }

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 
 use tokio::sync::oneshot;
 
-use super::{NewMessage, SendOutcome, Store, StoreError, Timestamp};
+use super::{NewMessage, OnCommit, SendOutcome, Store, StoreError, Timestamp};
 
 /// The outcome of a submitted message, available after COMMIT.
 pub struct PendingSend {
@@ -61,12 +61,32 @@ impl Store {
     /// another are committed, acked and fanned out in that order, so a
     /// connection can pipeline sends. Unknown chat: `ChatNotFound`.
     pub async fn submit_message(&self, msg: NewMessage) -> Result<PendingSend, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit_message_then(
+            msg,
+            Box::new(move |outcome| {
+                let _ = tx.send(outcome);
+            }),
+        )
+        .await?;
+        Ok(PendingSend { rx })
+    }
+
+    /// Like [`Store::submit_message`], but the outcome goes to `on_commit`,
+    /// called on the writer thread right after the message's fan-out
+    /// (see [`OnCommit`]). The WebSocket reader uses this to queue the ack
+    /// without a wake-up of its own. `on_commit` is dropped uncalled when
+    /// this returns an error.
+    pub async fn submit_message_then(
+        &self,
+        msg: NewMessage,
+        on_commit: OnCommit,
+    ) -> Result<(), StoreError> {
         let members = self
             .chat_members(msg.chat_id)
             .await?
             .ok_or(StoreError::ChatNotFound)?;
-        let rx = self.writer.submit(msg, members).await?;
-        Ok(PendingSend { rx })
+        self.writer.submit(msg, members, on_commit).await
     }
 }
 

@@ -1,6 +1,6 @@
 //! Durable state in SQLite.
 //!
-//! * One write connection, owned by the writer task ([`writer`]), through
+//! * One write connection, owned by the writer thread ([`writer`]), through
 //!   which every write goes: message inserts are group-committed, so
 //!   `synchronous=FULL` costs one fsync per batch rather than per message.
 //! * A separate read-only pool for queries (history, chat list, look-ups).
@@ -33,7 +33,7 @@ pub use chats::ChatSummary;
 pub use messages::{HistoryPage, Message, PendingSend, ReplayedMessage};
 pub use time::Timestamp;
 pub use users::{User, UserRecord};
-pub use writer::{CommitSink, NewMessage, NoopSink, SendOutcome, StoredMessage};
+pub use writer::{CommitSink, NewMessage, NoopSink, OnCommit, SendOutcome, StoredMessage};
 
 /// Embedded migrations (the same files `sqlx migrate run` applies).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -46,6 +46,9 @@ pub enum StoreError {
     Closed,
     #[error("database error: {0}")]
     Database(Arc<sqlx::Error>),
+    /// From the rusqlite connections (the writer and the history reader).
+    #[error("database error: {0}")]
+    Sqlite(Arc<rusqlite::Error>),
     #[error("migration error: {0}")]
     Migrate(Arc<sqlx::migrate::MigrateError>),
     #[error("{0}")]
@@ -55,6 +58,12 @@ pub enum StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         StoreError::Database(Arc::new(e))
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Sqlite(Arc::new(e))
     }
 }
 
@@ -110,6 +119,8 @@ impl Store {
             .connect()
             .await?;
         MIGRATOR.run(&mut write_conn).await?;
+        // The writer thread opens its own connection (see `writer.rs`).
+        sqlx::Connection::close(write_conn).await?;
 
         let read = SqlitePoolOptions::new()
             .max_connections(settings.read_pool_size)
@@ -120,7 +131,7 @@ impl Store {
             .connect_with(base.read_only(true))
             .await?;
 
-        let writer = writer::spawn(write_conn, settings, sink);
+        let writer = writer::spawn(&path, settings, sink)?;
         let identity = file_identity(&path);
         let reader = Arc::new(reader::SyncReader::new(
             path.clone(),

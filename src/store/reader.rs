@@ -63,14 +63,6 @@ pub(super) struct SyncReader {
     idle: Mutex<Vec<Connection>>,
 }
 
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        StoreError::Io(std::sync::Arc::new(std::io::Error::other(format!(
-            "sqlite read: {e}"
-        ))))
-    }
-}
-
 fn io_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError {
     StoreError::Io(std::sync::Arc::new(std::io::Error::other(e)))
 }

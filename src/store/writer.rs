@@ -1,26 +1,34 @@
-//! The writer task: the only owner of the write connection.
+//! The writer: one OS thread, the only owner of the write connection.
 //!
-//! Message inserts are group-committed: the task takes one queued request,
+//! Message inserts are group-committed: the thread takes one queued request,
 //! drains whatever else is already queued (up to `write_batch_max`), runs
 //! them in one `BEGIN IMMEDIATE … COMMIT`, and only then replies and hands
 //! the new rows to the [`CommitSink`] (the WebSocket hub), in id order. There
 //! is no timer: an idle server commits a lone message at once, a busy one
 //! commits large batches, one fsync each.
 //!
-//! Rarer writes (accounts, chats) go through the same task, each in its own
-//! transaction, so the database never sees two writers.
-
-use std::sync::Arc;
-use std::time::Instant;
+//! Rarer writes (accounts, chats) go through the same thread, each in its
+//! own transaction, so the database never sees two writers.
+//!
+//! The thread runs a synchronous rusqlite connection (the same bundled
+//! SQLite as sqlx) with cached prepared statements, one row per statement.
+//! It used to be a tokio task driving sqlx, whose SQLite driver runs each
+//! connection on a thread of its own: every statement of a batch (BEGIN,
+//! key look-up, INSERT, COMMIT) was a round trip between the two, two
+//! thread wake-ups each. Now a batch costs one wake-up of this thread, and
+//! the fan-out to the connections' queues ([`CommitSink`]) runs here too,
+//! right after COMMIT. Blocking here (fsync) never holds up the runtime.
 
 use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, params};
 use tokio::sync::{mpsc, oneshot};
-use tracing::Instrument;
 
 use super::{Message, StoreError, Timestamp, User, now_millis};
-use crate::config::DatabaseSettings;
+use crate::config::{DatabaseSettings, Synchronous};
 
 /// A message to store.
 #[derive(Debug, Clone)]
@@ -59,13 +67,13 @@ impl SendOutcome {
 }
 
 /// Receives every newly committed message, in id order, right after COMMIT.
-/// Called on the writer task: it must not block.
+/// Called on the writer thread: it must not block.
 pub trait CommitSink: Send + Sync + 'static {
     /// `committed_at` is when COMMIT returned.
     fn committed(&self, batch: &[Arc<StoredMessage>], committed_at: Instant);
 
     /// Called once per batch with its size and commit duration (metrics).
-    fn batch_committed(&self, _size: usize, _commit: std::time::Duration) {}
+    fn batch_committed(&self, _size: usize, _commit: Duration) {}
 }
 
 /// A sink that drops everything (tools and tests of the store alone).
@@ -77,16 +85,22 @@ impl CommitSink for NoopSink {
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
-/// Keys looked up per statement (2 variables each).
-const KEY_LOOKUP_CHUNK: usize = 400;
-/// Rows inserted per statement (5 variables each; SQLite allows 32,766).
-const INSERT_CHUNK: usize = 1000;
+/// Receives a submitted message's outcome, on the writer thread: after
+/// COMMIT and right after the message was handed to the [`CommitSink`], or
+/// with an error when it was not stored. Must not block.
+pub type OnCommit = Box<dyn FnOnce(Result<SendOutcome, StoreError>) + Send>;
+
+const FIND_KEY: &str = "SELECT id, chat_id, content, created_at FROM messages
+     WHERE sender_id = ?1 AND client_msg_id = ?2";
+const INSERT_MESSAGE: &str =
+    "INSERT INTO messages (chat_id, sender_id, content, client_msg_id, created_at)
+     VALUES (?1, ?2, ?3, ?4, ?5)";
 
 /// A queued message insert.
 struct Queued {
     msg: NewMessage,
     members: [i64; 2],
-    reply: Reply<SendOutcome>,
+    on_commit: OnCommit,
 }
 
 enum Command {
@@ -109,11 +123,14 @@ pub(super) struct WriterHandle {
     tx: mpsc::Sender<Command>,
 }
 
+/// Opens the write connection on `path` (already created and migrated) and
+/// starts the writer thread.
 pub(super) fn spawn(
-    conn: SqliteConnection,
+    path: &Path,
     settings: &DatabaseSettings,
     sink: Arc<dyn CommitSink>,
-) -> WriterHandle {
+) -> Result<WriterHandle, StoreError> {
+    let conn = open(path, settings)?;
     let (tx, rx) = mpsc::channel(settings.write_queue);
     let writer = Writer {
         conn,
@@ -122,8 +139,28 @@ pub(super) fn spawn(
         batch_max: settings.write_batch_max,
         last_ts: 0,
     };
-    tokio::spawn(writer.run());
-    WriterHandle { tx }
+    std::thread::Builder::new()
+        .name("shindensen-writer".into())
+        .spawn(move || writer.run())?;
+    Ok(WriterHandle { tx })
+}
+
+fn open(path: &Path, settings: &DatabaseSettings) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_millis(settings.busy_timeout_ms))?;
+    let synchronous = match settings.synchronous {
+        Synchronous::Off => "OFF",
+        Synchronous::Normal => "NORMAL",
+        Synchronous::Full => "FULL",
+        Synchronous::Extra => "EXTRA",
+    };
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", synchronous)?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
 }
 
 impl WriterHandle {
@@ -136,23 +173,22 @@ impl WriterHandle {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Queues a message; the receiver yields the outcome after COMMIT.
+    /// Queues a message; `on_commit` gets the outcome after COMMIT.
     /// Messages queued by one caller are committed in the order queued.
     pub(super) async fn submit(
         &self,
         msg: NewMessage,
         members: [i64; 2],
-    ) -> Result<oneshot::Receiver<Result<SendOutcome, StoreError>>, StoreError> {
-        let (reply, rx) = oneshot::channel();
+        on_commit: OnCommit,
+    ) -> Result<(), StoreError> {
         self.tx
             .send(Command::Send(Box::new(Queued {
                 msg,
                 members,
-                reply,
+                on_commit,
             })))
             .await
-            .map_err(|_| StoreError::Closed)?;
-        Ok(rx)
+            .map_err(|_| StoreError::Closed)
     }
 
     pub(super) async fn create_user(
@@ -173,6 +209,8 @@ impl WriterHandle {
             .await
     }
 
+    /// Lets everything queued before it finish, then stops the thread and
+    /// closes the connection.
     pub(super) async fn shutdown(&self) {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Command::Shutdown(tx)).await.is_ok() {
@@ -182,7 +220,7 @@ impl WriterHandle {
 }
 
 struct Writer {
-    conn: SqliteConnection,
+    conn: Connection,
     rx: mpsc::Receiver<Command>,
     sink: Arc<dyn CommitSink>,
     batch_max: usize,
@@ -190,10 +228,13 @@ struct Writer {
     last_ts: i64,
 }
 
+/// Outcome of one row inside a batch transaction.
+type RowResult = Result<SendOutcome, StoreError>;
+
 impl Writer {
-    async fn run(mut self) {
+    fn run(mut self) {
         let mut batch: Vec<Queued> = Vec::with_capacity(self.batch_max);
-        let mut next = self.rx.recv().await;
+        let mut next = self.rx.blocking_recv();
         while let Some(cmd) = next.take() {
             match cmd {
                 Command::Send(queued) => {
@@ -209,7 +250,7 @@ impl Writer {
                             Err(_) => break,
                         }
                     }
-                    self.commit_messages(&mut batch).await;
+                    self.commit_messages(&mut batch);
                     if next.is_some() {
                         continue;
                     }
@@ -219,11 +260,11 @@ impl Writer {
                     password_hash,
                     reply,
                 } => {
-                    let res = self.create_user(&username, password_hash.as_deref()).await;
+                    let res = self.create_user(&username, password_hash.as_deref());
                     let _ = reply.send(res);
                 }
                 Command::InitiateChat { a, b, reply } => {
-                    let res = self.initiate_chat(a, b).await;
+                    let res = self.initiate_chat(a, b);
                     let _ = reply.send(res);
                 }
                 Command::Shutdown(done) => {
@@ -233,14 +274,13 @@ impl Writer {
                     while let Ok(cmd) = self.rx.try_recv() {
                         fail(cmd);
                     }
-                    let _ = self.conn.close().await;
+                    drop(self.conn);
                     let _ = done.send(());
                     return;
                 }
             }
-            next = self.rx.recv().await;
+            next = self.rx.blocking_recv();
         }
-        let _ = self.conn.close().await;
     }
 
     fn timestamp(&mut self) -> i64 {
@@ -248,7 +288,7 @@ impl Writer {
         self.last_ts
     }
 
-    async fn commit_messages(&mut self, batch: &mut Vec<Queued>) {
+    fn commit_messages(&mut self, batch: &mut Vec<Queued>) {
         let ts = self.timestamp();
         let started = Instant::now();
         let span = tracing::info_span!(
@@ -257,257 +297,180 @@ impl Writer {
             db.system.name = "sqlite",
             db.operation.batch.size = batch.len()
         );
-        let result = self.insert_all(batch, ts).instrument(span).await;
+        let result = span.in_scope(|| insert_all(&mut self.conn, batch, ts));
         let committed_at = Instant::now();
         match result {
             Ok(outcomes) => {
-                let size = batch.len();
-                self.sink.batch_committed(size, committed_at - started);
-                let created: Vec<Arc<StoredMessage>> = outcomes
-                    .iter()
-                    .filter_map(|o| match o {
-                        SendOutcome::Created(m) => Some(m.clone()),
-                        SendOutcome::Duplicate(_) => None,
-                    })
-                    .collect();
-                if !created.is_empty() {
-                    self.sink.committed(&created, committed_at);
-                }
+                self.sink
+                    .batch_committed(batch.len(), committed_at - started);
+                // Each message's fan-out, then its outcome: the sender's
+                // own copy and its ack land in its queue back to back, and
+                // usually leave in one write.
                 for (queued, outcome) in batch.drain(..).zip(outcomes) {
-                    let _ = queued.reply.send(Ok(outcome));
-                }
-            }
-            Err(batch_err) => {
-                // One bad request must not sink the others: retry one by one,
-                // each in its own transaction, and report each result.
-                tracing::warn!(error = %batch_err, size = batch.len(), "batch insert failed; retrying one by one");
-                for queued in batch.drain(..) {
-                    let res = self.insert_all(std::slice::from_ref(&queued), ts).await;
-                    let reply = queued.reply;
-                    match res {
-                        Ok(mut outcomes) => {
-                            let outcome = outcomes.pop().expect("one outcome");
-                            if let SendOutcome::Created(m) = &outcome {
-                                self.sink.committed(std::slice::from_ref(m), Instant::now());
-                            }
-                            let _ = reply.send(Ok(outcome));
-                        }
-                        Err(e) => {
-                            let _ = reply.send(Err(e));
-                        }
+                    if let Ok(SendOutcome::Created(m)) = &outcome {
+                        self.sink.committed(std::slice::from_ref(m), committed_at);
                     }
+                    (queued.on_commit)(outcome);
+                }
+            }
+            Err(e) => {
+                // The transaction was rolled back: nothing of it is stored,
+                // and every sender is told so (nothing was acknowledged).
+                tracing::warn!(error = %e, size = batch.len(), "batch insert failed");
+                for queued in batch.drain(..) {
+                    (queued.on_commit)(Err(e.clone()));
                 }
             }
         }
     }
 
-    /// Inserts the batch in one transaction; nothing is visible or replied
-    /// before COMMIT returns. Three statements per batch, whatever its size:
-    /// one look-up of the idempotency keys already stored, one multi-row
-    /// INSERT of the new messages, COMMIT. (These are the store's only
-    /// dynamic queries; the shape is fixed, only the row count varies.)
-    async fn insert_all(
-        &mut self,
-        batch: &[Queued],
-        ts: i64,
-    ) -> Result<Vec<SendOutcome>, StoreError> {
-        let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await?;
-
-        // Keys this batch uses that are already stored: those sends are duplicates.
-        let mut stored: HashMap<(i64, &str), Arc<StoredMessage>> = HashMap::new();
-        let keyed: Vec<&Queued> = batch
-            .iter()
-            .filter(|q| q.msg.client_msg_id.is_some())
-            .collect();
-        for chunk in keyed.chunks(KEY_LOOKUP_CHUNK) {
-            let mut qb = QueryBuilder::<Sqlite>::new(
-                "SELECT k.column1 AS sender_id, k.column2 AS client_msg_id, m.id, m.chat_id, m.content, m.created_at FROM (",
-            );
-            qb.push_values(chunk, |mut row, q| {
-                row.push_bind(q.msg.sender_id)
-                    .push_bind(q.msg.client_msg_id.as_deref());
-            });
-            qb.push(
-                ") AS k JOIN messages m ON m.sender_id = k.column1 AND m.client_msg_id = k.column2",
-            );
-            for row in qb.build().fetch_all(&mut *tx).await? {
-                let sender_id: i64 = row.try_get("sender_id")?;
-                let key: String = row.try_get("client_msg_id")?;
-                let Some(q) = chunk.iter().find(|q| {
-                    q.msg.sender_id == sender_id
-                        && q.msg.client_msg_id.as_deref() == Some(key.as_str())
-                }) else {
-                    continue;
-                };
-                let message = Message {
-                    id: row.try_get("id")?,
-                    chat_id: row.try_get("chat_id")?,
-                    sender: q.msg.sender.to_string(),
-                    sender_id,
-                    content: row.try_get("content")?,
-                    timestamp: Timestamp(row.try_get("created_at")?),
-                };
-                let key_ref = q.msg.client_msg_id.as_deref().unwrap_or_default();
-                stored.insert(
-                    (sender_id, key_ref),
-                    Arc::new(StoredMessage {
-                        message,
-                        client_msg_id: Some(key),
-                        members: q.members,
-                    }),
-                );
-            }
-        }
-
-        // New rows, in queue order; a key repeated within the batch is stored once.
-        let mut fresh: Vec<usize> = Vec::with_capacity(batch.len());
-        let mut first_use: HashMap<(i64, &str), usize> = HashMap::new();
-        for (i, q) in batch.iter().enumerate() {
-            if let Some(key) = q.msg.client_msg_id.as_deref() {
-                if stored.contains_key(&(q.msg.sender_id, key)) {
-                    continue;
-                }
-                if first_use.insert((q.msg.sender_id, key), i).is_some() {
-                    continue;
-                }
-            }
-            fresh.push(i);
-        }
-        let mut ids: Vec<i64> = Vec::with_capacity(fresh.len());
-        for chunk in fresh.chunks(INSERT_CHUNK) {
-            let mut qb = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO messages (chat_id, sender_id, content, client_msg_id, created_at) ",
-            );
-            qb.push_values(chunk, |mut row, &i| {
-                let m = &batch[i].msg;
-                row.push_bind(m.chat_id)
-                    .push_bind(m.sender_id)
-                    .push_bind(m.content.as_str())
-                    .push_bind(m.client_msg_id.as_deref())
-                    .push_bind(ts);
-            });
-            qb.push(" RETURNING id");
-            let mut chunk_ids: Vec<i64> = qb
-                .build_query_scalar::<i64>()
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(map_fk)?;
-            // The single writer assigns rowids in VALUES order: ascending ids
-            // are the rows in order.
-            chunk_ids.sort_unstable();
-            ids.extend(chunk_ids);
-        }
-        if ids.len() != fresh.len() {
-            return Err(StoreError::Database(Arc::new(sqlx::Error::Protocol(
-                format!("inserted {} rows for {} messages", ids.len(), fresh.len()),
-            ))));
-        }
-        tx.commit().await?;
-
-        let mut created: HashMap<usize, Arc<StoredMessage>> = HashMap::with_capacity(fresh.len());
-        for (&i, id) in fresh.iter().zip(ids) {
-            let q = &batch[i];
-            created.insert(
-                i,
-                Arc::new(StoredMessage {
-                    message: Message {
-                        id,
-                        chat_id: q.msg.chat_id,
-                        sender: q.msg.sender.to_string(),
-                        sender_id: q.msg.sender_id,
-                        content: q.msg.content.clone(),
-                        timestamp: Timestamp(ts),
-                    },
-                    client_msg_id: q.msg.client_msg_id.clone(),
-                    members: q.members,
-                }),
-            );
-        }
-        Ok(batch
-            .iter()
-            .enumerate()
-            .map(|(i, q)| {
-                if let Some(m) = created.get(&i) {
-                    return SendOutcome::Created(m.clone());
-                }
-                let key = (
-                    q.msg.sender_id,
-                    q.msg.client_msg_id.as_deref().unwrap_or_default(),
-                );
-                match stored.get(&key) {
-                    Some(m) => SendOutcome::Duplicate(m.clone()),
-                    // Repeated within this batch: the duplicate of its first use.
-                    None => SendOutcome::Duplicate(created[&first_use[&key]].clone()),
-                }
-            })
-            .collect())
-    }
-
-    async fn create_user(
+    fn create_user(
         &mut self,
         username: &str,
         password_hash: Option<&str>,
     ) -> Result<Option<User>, StoreError> {
-        let now = now_millis();
-        let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await?;
-        let id = sqlx::query_scalar!(
-            "INSERT INTO users (username, password_hash, created_at) VALUES (?, ?, ?)
-             ON CONFLICT DO NOTHING RETURNING id AS \"id!\"",
-            username,
-            password_hash,
-            now
-        )
-        .fetch_optional(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let id: Option<i64> = tx
+            .prepare_cached(
+                "INSERT INTO users (username, password_hash, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT DO NOTHING RETURNING id",
+            )?
+            .query_row(params![username, password_hash, now_millis()], |r| r.get(0))
+            .optional()?;
+        tx.commit()?;
         Ok(id.map(|id| User {
             id,
             username: username.to_string(),
         }))
     }
 
-    async fn initiate_chat(&mut self, a: i64, b: i64) -> Result<(i64, bool), StoreError> {
+    fn initiate_chat(&mut self, a: i64, b: i64) -> Result<(i64, bool), StoreError> {
         let (lo, hi) = if a < b { (a, b) } else { (b, a) };
-        let now = now_millis();
-        let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await?;
-        let created = sqlx::query_scalar!(
-            "INSERT INTO chats (user_a, user_b, created_at) VALUES (?, ?, ?)
-             ON CONFLICT (user_a, user_b) DO NOTHING RETURNING id AS \"id!\"",
-            lo,
-            hi,
-            now
-        )
-        .fetch_optional(&mut *tx)
-        .await?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let created: Option<i64> = tx
+            .prepare_cached(
+                "INSERT INTO chats (user_a, user_b, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (user_a, user_b) DO NOTHING RETURNING id",
+            )?
+            .query_row(params![lo, hi, now_millis()], |r| r.get(0))
+            .optional()?;
         let result = match created {
             Some(id) => (id, true),
             None => {
-                let id = sqlx::query_scalar!(
-                    r#"SELECT id AS "id!" FROM chats WHERE user_a = ? AND user_b = ?"#,
-                    lo,
-                    hi
-                )
-                .fetch_one(&mut *tx)
-                .await?;
+                let id = tx
+                    .prepare_cached("SELECT id FROM chats WHERE user_a = ?1 AND user_b = ?2")?
+                    .query_row(params![lo, hi], |r| r.get(0))?;
                 (id, false)
             }
         };
-        tx.commit().await?;
+        tx.commit()?;
         Ok(result)
     }
 }
 
-/// A foreign-key failure on insert means the chat (or sender) does not exist.
-fn map_fk(e: sqlx::Error) -> StoreError {
-    match &e {
-        sqlx::Error::Database(db) if db.is_foreign_key_violation() => StoreError::ChatNotFound,
-        _ => e.into(),
+/// Inserts the batch in one transaction; nothing is visible or replied
+/// before COMMIT returns. Per message: a look-up of its idempotency key
+/// (if it has one), then the INSERT; both statements are prepared once and
+/// cached. A row that fails a constraint (its chat is gone) gets its own
+/// error and the others go on; any other failure rolls the whole batch back.
+fn insert_all(
+    conn: &mut Connection,
+    batch: &[Queued],
+    ts: i64,
+) -> Result<Vec<RowResult>, StoreError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let outcomes = insert_rows(&tx, batch, ts)?;
+    tx.commit()?;
+    Ok(outcomes)
+}
+
+fn insert_rows(
+    tx: &Transaction<'_>,
+    batch: &[Queued],
+    ts: i64,
+) -> Result<Vec<RowResult>, StoreError> {
+    let mut find = tx.prepare_cached(FIND_KEY)?;
+    let mut insert = tx.prepare_cached(INSERT_MESSAGE)?;
+    // Keys first used in this batch: a repeat is a duplicate of that row.
+    let mut in_batch: HashMap<(i64, &str), Arc<StoredMessage>> = HashMap::new();
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for q in batch {
+        let m = &q.msg;
+        if let Some(key) = m.client_msg_id.as_deref() {
+            if let Some(first) = in_batch.get(&(m.sender_id, key)) {
+                outcomes.push(Ok(SendOutcome::Duplicate(first.clone())));
+                continue;
+            }
+            let found = find
+                .query_row(params![m.sender_id, key], |r| {
+                    Ok(Message {
+                        id: r.get(0)?,
+                        chat_id: r.get(1)?,
+                        sender: m.sender.to_string(),
+                        sender_id: m.sender_id,
+                        content: r.get(2)?,
+                        timestamp: Timestamp(r.get(3)?),
+                    })
+                })
+                .optional()?;
+            if let Some(message) = found {
+                outcomes.push(Ok(SendOutcome::Duplicate(Arc::new(StoredMessage {
+                    message,
+                    client_msg_id: Some(key.to_string()),
+                    members: q.members,
+                }))));
+                continue;
+            }
+        }
+        match insert.execute(params![
+            m.chat_id,
+            m.sender_id,
+            m.content,
+            m.client_msg_id,
+            ts
+        ]) {
+            Ok(_) => {}
+            Err(e) if is_foreign_key(&e) => {
+                // Only this statement was rolled back; the rest of the batch stands.
+                outcomes.push(Err(StoreError::ChatNotFound));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let stored = Arc::new(StoredMessage {
+            message: Message {
+                id: tx.last_insert_rowid(),
+                chat_id: m.chat_id,
+                sender: m.sender.to_string(),
+                sender_id: m.sender_id,
+                content: m.content.clone(),
+                timestamp: Timestamp(ts),
+            },
+            client_msg_id: m.client_msg_id.clone(),
+            members: q.members,
+        });
+        if let Some(key) = m.client_msg_id.as_deref() {
+            in_batch.insert((m.sender_id, key), stored.clone());
+        }
+        outcomes.push(Ok(SendOutcome::Created(stored)));
     }
+    Ok(outcomes)
+}
+
+/// A foreign-key failure on insert means the chat (or sender) does not exist.
+fn is_foreign_key(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(err, _)
+        if err.code == ErrorCode::ConstraintViolation
+            && err.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY)
 }
 
 fn fail(cmd: Command) {
     match cmd {
-        Command::Send(queued) => drop(queued.reply.send(Err(StoreError::Closed))),
+        Command::Send(queued) => (queued.on_commit)(Err(StoreError::Closed)),
         Command::CreateUser { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
         Command::InitiateChat { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
         Command::Shutdown(done) => drop(done.send(())),

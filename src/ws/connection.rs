@@ -1,9 +1,11 @@
 //! One WebSocket connection: a reader half and a writer half.
 //!
 //! * The reader parses and validates send frames, applies the connection's
-//!   token bucket, submits each message to the writer task of the store (in
-//!   order, without waiting for COMMIT, so sends pipeline), and turns the
-//!   outcomes into `ack`/`error` frames in the order the sends arrived.
+//!   token bucket and submits each message to the store's writer (in order,
+//!   without waiting for COMMIT, so sends pipeline). The writer thread
+//!   queues each outcome as an `ack`/`error` frame right after the
+//!   message's fan-out, in the order the sends arrived; the reader is not
+//!   woken for it.
 //! * The writer owns the socket's sending half: on resume it first replays
 //!   from the database, then forwards the connection's bounded queue,
 //!   feeding everything queued and flushing once; it also pings.
@@ -17,9 +19,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream};
-use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::hub::{ConnHandle, Outbound};
@@ -27,7 +29,7 @@ use super::protocol::{self, FrameError};
 use crate::app::AppState;
 use crate::http::extract::AuthUser;
 use crate::ratelimit::TokenBucket;
-use crate::store::{NewMessage, SendOutcome, StoreError};
+use crate::store::{NewMessage, OnCommit, SendOutcome, StoreError};
 use crate::telemetry::{self, metrics as m};
 use tracing::Instrument;
 
@@ -192,10 +194,37 @@ pub async fn serve(socket: WebSocket, state: AppState, user: AuthUser, since: Op
     );
 }
 
+/// Sends submitted but not yet answered; on shutdown the reader waits for
+/// zero before it closes, so every message received before is acked.
+#[derive(Default)]
+struct InFlight {
+    count: AtomicU64,
+    settled: Notify,
+}
+
+/// Held by one submitted message's `on_commit`: whether that runs or is
+/// dropped unrun (the writer is gone), the message stops being in flight.
+struct InFlightGuard(Arc<InFlight>);
+
+impl InFlightGuard {
+    fn new(in_flight: &Arc<InFlight>) -> Self {
+        in_flight.count.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(in_flight.clone())
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.settled.notify_one();
+        }
+    }
+}
+
 /// Returns the stream so the caller can finish the close handshake.
 async fn read_half(
     mut stream: SplitStream<WebSocket>,
-    handle: &ConnHandle,
+    handle: &Arc<ConnHandle>,
     control: &ConnControl,
     state: &AppState,
     user: &AuthUser,
@@ -204,34 +233,19 @@ async fn read_half(
     let ws = &state.settings.ws;
     let mut bucket = TokenBucket::new(f64::from(ws.send_burst), ws.send_rate_per_sec);
     let sender: Arc<str> = user.username.as_str().into();
-    let mut pending = FuturesOrdered::new();
+    let in_flight = Arc::new(InFlight::default());
     let mut draining = false;
-    let error = |e: FrameError| {
-        metrics::counter!(m::MESSAGES_REJECTED, "reason" => e.code).increment(1);
-        handle.push(Outbound::Control(protocol::error_frame(&e)))
-    };
+    let error = |e: FrameError| reject(handle, e);
+    let closed = control.closed();
+    let shutdown = state.shutdown.cancelled();
+    tokio::pin!(closed, shutdown);
 
     loop {
         tokio::select! {
             biased;
-            _ = control.closed() => break,
-            Some((key, outcome)) = pending.next(), if !pending.is_empty() => {
-                let key: Option<String> = key;
-                let outcome: Result<SendOutcome, StoreError> = outcome;
-                match outcome {
-                    Ok(outcome) => {
-                        if matches!(outcome, SendOutcome::Duplicate(_)) {
-                            metrics::counter!(m::MESSAGES_DUPLICATE).increment(1);
-                        }
-                        let msg = &outcome.stored().message;
-                        handle.push(Outbound::Control(protocol::ack_frame(msg, key.as_deref())));
-                    }
-                    Err(e) => {
-                        error(store_error(e, key));
-                    }
-                }
-            }
-            _ = state.shutdown.cancelled(), if !draining => draining = true,
+            _ = &mut closed => break,
+            _ = in_flight.settled.notified(), if draining => {}
+            _ = &mut shutdown, if !draining => draining = true,
             frame = stream.next(), if !draining => {
                 control.touch();
                 match frame {
@@ -276,33 +290,23 @@ async fn read_half(
                                 continue;
                             }
                         }
+                        let on_commit = answer(handle.clone(), key.clone(), msg_span.clone(), InFlightGuard::new(&in_flight));
                         let submitted = state
                             .store
-                            .submit_message(NewMessage {
-                                chat_id: send.chat_id,
-                                sender_id: user.id,
-                                sender: sender.clone(),
-                                content: send.content,
-                                client_msg_id: send.client_msg_id,
-                            })
+                            .submit_message_then(
+                                NewMessage {
+                                    chat_id: send.chat_id,
+                                    sender_id: user.id,
+                                    sender: sender.clone(),
+                                    content: send.content,
+                                    client_msg_id: send.client_msg_id,
+                                },
+                                on_commit,
+                            )
+                            .instrument(msg_span)
                             .await;
-                        match submitted {
-                            Ok(p) => {
-                                let span = msg_span.clone();
-                                pending.push_back(
-                                    p.map(move |r| {
-                                        if let Ok(o) = &r {
-                                            span.record("message_id", o.stored().message.id);
-                                            span.record("duplicate", matches!(o, SendOutcome::Duplicate(_)));
-                                        }
-                                        (key, r)
-                                    })
-                                    .instrument(msg_span),
-                                )
-                            }
-                            Err(e) => {
-                                error(store_error(e, key));
-                            }
+                        if let Err(e) = submitted {
+                            error(store_error(e, key));
                         }
                     }
                     Some(Ok(Message::Binary(_))) => {
@@ -324,13 +328,50 @@ async fn read_half(
                 }
             }
         }
-        if draining && pending.is_empty() {
+        if draining && in_flight.count.load(Ordering::Acquire) == 0 {
             // Every message received before shutdown is committed and acked.
             control.close(CloseReason::Shutdown);
             break;
         }
     }
     stream
+}
+
+/// Queues an error frame for the connection and counts the rejection.
+fn reject(handle: &ConnHandle, e: FrameError) -> bool {
+    metrics::counter!(m::MESSAGES_REJECTED, "reason" => e.code).increment(1);
+    handle.push(Outbound::Control(protocol::error_frame(&e)))
+}
+
+/// What the writer thread does with a submitted message's outcome: queue
+/// the ack (or the error) on the sending connection, right after the
+/// message's own fan-out, and close the message's span. Acks of one
+/// connection's sends are queued in the order the sends arrived (the writer
+/// commits them in that order).
+fn answer(
+    handle: Arc<ConnHandle>,
+    key: Option<String>,
+    span: tracing::Span,
+    guard: InFlightGuard,
+) -> OnCommit {
+    Box::new(move |outcome| {
+        let _guard = guard;
+        match outcome {
+            Ok(outcome) => {
+                let duplicate = matches!(outcome, SendOutcome::Duplicate(_));
+                if duplicate {
+                    metrics::counter!(m::MESSAGES_DUPLICATE).increment(1);
+                }
+                let msg = &outcome.stored().message;
+                span.record("message_id", msg.id);
+                span.record("duplicate", duplicate);
+                handle.push(Outbound::Control(protocol::ack_frame(msg, key.as_deref())));
+            }
+            Err(e) => {
+                reject(&handle, store_error(e, key));
+            }
+        }
+    })
 }
 
 fn store_error(e: StoreError, key: Option<String>) -> FrameError {
@@ -389,10 +430,12 @@ async fn write_half(
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(64);
+    let closed = control.closed();
+    tokio::pin!(closed);
     loop {
         tokio::select! {
             biased;
-            _ = control.closed() => break,
+            _ = &mut closed => break,
             n = rx.recv_many(&mut batch, 256) => {
                 if n == 0 {
                     break;
@@ -412,7 +455,7 @@ async fn write_half(
                         control.close(CloseReason::Client);
                         break;
                     },
-                    _ = control.closed() => break,
+                    _ = &mut closed => break,
                 }
             }
             _ = ping.tick() => {
@@ -425,7 +468,7 @@ async fn write_half(
                         control.close(CloseReason::Client);
                         break;
                     },
-                    _ = control.closed() => break,
+                    _ = &mut closed => break,
                 }
             }
         }

@@ -1,8 +1,9 @@
 //! The hub: which connections each user has open, and fan-out.
 //!
 //! The writer calls [`Hub::committed`] right after each COMMIT, in id
-//! order, on its own task; so every connection's queue receives a chat's
-//! messages in id order, the order history returns. Each message is encoded
+//! order, on its own thread (message by message, each followed by its
+//! ack); so every connection's queue receives a chat's messages in id
+//! order, the order history returns. Each message is encoded
 //! once per audience (plain for everyone, plus one carrying `client_msg_id`
 //! for the sender's own connections) and the same bytes are queued to each
 //! connection. Queues are bounded: a connection whose queue is full is told
@@ -156,7 +157,8 @@ impl CommitSink for Hub {
         }
         counter!(m::MESSAGES_ACCEPTED).increment(batch.len() as u64);
         counter!(m::MESSAGES_DELIVERED).increment(delivered);
-        // One observation per batch: the time until its last enqueue.
+        // One observation per call (the writer calls once per message): the
+        // time from COMMIT until its last enqueue.
         if delivered > 0 {
             histogram!(m::DELIVERY_SECONDS).record(committed_at.elapsed().as_secs_f64());
         }

@@ -146,10 +146,12 @@ pub(super) fn spawn(
 }
 
 fn open(path: &Path, settings: &DatabaseSettings) -> Result<Connection, StoreError> {
-    let conn = Connection::open_with_flags(
+    let mut conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
+    // Every transaction here writes: take the write lock at BEGIN.
+    conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
     conn.busy_timeout(Duration::from_millis(settings.busy_timeout_ms))?;
     let synchronous = match settings.synchronous {
         Synchronous::Off => "OFF",
@@ -329,16 +331,13 @@ impl Writer {
         username: &str,
         password_hash: Option<&str>,
     ) -> Result<Option<User>, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let id: Option<i64> = tx
-            .prepare_cached(
-                "INSERT INTO users (username, password_hash, created_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT DO NOTHING RETURNING id",
-            )?
-            .query_row(params![username, password_hash, now_millis()], |r| r.get(0))
-            .optional()?;
+        let tx = self.conn.transaction()?;
+        let id = insert_or_nothing(
+            &tx,
+            "INSERT INTO users (username, password_hash, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT DO NOTHING RETURNING id",
+            params![username, password_hash, now_millis()],
+        )?;
         tx.commit()?;
         Ok(id.map(|id| User {
             id,
@@ -348,16 +347,13 @@ impl Writer {
 
     fn initiate_chat(&mut self, a: i64, b: i64) -> Result<(i64, bool), StoreError> {
         let (lo, hi) = if a < b { (a, b) } else { (b, a) };
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let created: Option<i64> = tx
-            .prepare_cached(
-                "INSERT INTO chats (user_a, user_b, created_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (user_a, user_b) DO NOTHING RETURNING id",
-            )?
-            .query_row(params![lo, hi, now_millis()], |r| r.get(0))
-            .optional()?;
+        let tx = self.conn.transaction()?;
+        let created = insert_or_nothing(
+            &tx,
+            "INSERT INTO chats (user_a, user_b, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (user_a, user_b) DO NOTHING RETURNING id",
+            params![lo, hi, now_millis()],
+        )?;
         let result = match created {
             Some(id) => (id, true),
             None => {
@@ -372,6 +368,19 @@ impl Writer {
     }
 }
 
+/// Runs an `INSERT … ON CONFLICT DO NOTHING RETURNING id`: the new row's
+/// id, or `None` when the row was already there.
+fn insert_or_nothing(
+    tx: &rusqlite::Transaction<'_>,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Option<i64>, StoreError> {
+    Ok(tx
+        .prepare_cached(sql)?
+        .query_row(params, |r| r.get(0))
+        .optional()?)
+}
+
 /// Inserts the batch in one transaction; nothing is visible or replied
 /// before COMMIT returns. Per message: a look-up of its idempotency key
 /// (if it has one), then the INSERT; both statements are prepared once and
@@ -382,7 +391,7 @@ fn insert_all(
     batch: &[Queued],
     ts: i64,
 ) -> Result<Vec<RowResult>, StoreError> {
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let tx = conn.transaction()?;
     let outcomes = insert_rows(&tx, batch, ts)?;
     tx.commit()?;
     Ok(outcomes)

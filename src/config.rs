@@ -142,7 +142,7 @@ impl Default for DatabaseSettings {
             synchronous: Synchronous::Full,
             busy_timeout_ms: 5_000,
             read_pool_size: 4,
-            write_batch_max: 512,
+            write_batch_max: 2_048,
             write_queue: 16_384,
         }
     }

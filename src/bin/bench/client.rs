@@ -84,6 +84,12 @@ impl Server {
             .env("SHINDENSEN_LOG__FORMAT", "json")
             .env("SHINDENSEN_WS__SEND_RATE_PER_SEC", "1000000")
             .env("SHINDENSEN_WS__SEND_BURST", "1000000")
+            // A client closed with 4008 resumes with `?since=`; above
+            // saturation its backlog can exceed the default replay cap,
+            // after which a real client pages the gap over HTTP. The relay
+            // client resumes over the WebSocket only, and counts a `resync`
+            // as an error.
+            .env("SHINDENSEN_WS__REPLAY_MAX", "1000000")
             .env("SHINDENSEN_AUTH__LOGIN_ATTEMPTS_PER_IP", "1000000")
             .env("SHINDENSEN_AUTH__LOGIN_ATTEMPTS_PER_USERNAME", "1000000")
             .stdout(Stdio::null())
@@ -300,6 +306,11 @@ pub async fn connect(server: &Server, user: &User) -> anyhow::Result<Ws> {
     } else {
         server.ws_url()
     };
+    connect_url(&url, user).await
+}
+
+/// Opens a WebSocket to `url` (which may carry `?since=`) as `user`.
+pub async fn connect_url(url: &str, user: &User) -> anyhow::Result<Ws> {
     let mut req = url.into_client_request()?;
     if let Some(t) = &user.token {
         req.headers_mut()

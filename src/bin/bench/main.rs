@@ -187,14 +187,8 @@ async fn run_relay(
     if let Some(b) = &baseline {
         relay::print_table("bare relay (no persistence)", b);
     }
-    let best = |r: &[relay::StepResult]| {
-        r.iter()
-            .filter(|s| s.sustained())
-            .map(|s| s.delivered_per_sec)
-            .fold(0.0, f64::max)
-    };
-    let sustained = best(&results);
-    let base_sustained = baseline.as_deref().map(best);
+    let sustained = relay::highest_sustained(&results);
+    let base_sustained = baseline.as_deref().map(relay::highest_sustained);
     if ramp {
         println!("highest sustained rate: shindensen {sustained:.0}/s");
         if let Some(b) = base_sustained {

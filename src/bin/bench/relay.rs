@@ -331,6 +331,13 @@ pub async fn run(
         let mut quiet_until = Instant::now() + DRAIN;
         while last < 2 * c.sent.load(Ordering::Relaxed) && Instant::now() < quiet_until {
             tokio::time::sleep(Duration::from_millis(20)).await;
+            // A connection closed near the end of the step: resend its
+            // pending frames now, not at the next step's first send.
+            for s in &mut senders {
+                if let Ok(sink) = s.relink.try_recv() {
+                    let _ = s.adopt(sink).await;
+                }
+            }
             let now = progress();
             if now > last {
                 last = now;

@@ -203,7 +203,13 @@ async fn a_client_that_never_reads_is_closed_with_4008_and_others_complete() {
     let app = TestApp::spawn_with(|s| {
         s.ws.send_burst = 100_000;
         s.ws.send_rate_per_sec = 100_000.0;
-        s.ws.outbound_queue = 256;
+        // A reading client has 300 frames or more outstanding per window
+        // (its 100 copies and acks, and the peer's messages, which can run
+        // ahead): with a queue near that, a reader that the scheduler
+        // delays for a moment overflows too (seen on a loaded machine).
+        // 4,096 leaves the readers thousands of frames of slack; the
+        // client that never reads is sent 10,000 and still overflows.
+        s.ws.outbound_queue = 4_096;
     })
     .await;
     let alice = app.user("alice").await;

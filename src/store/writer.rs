@@ -18,8 +18,18 @@
 //! thread wake-ups each. Now a batch costs one wake-up of this thread, and
 //! the fan-out to the connections' queues ([`CommitSink`]) runs here too,
 //! right after COMMIT. Blocking here (fsync) never holds up the runtime.
+//!
+//! WAL checkpoints are the writer's too, but after a batch's fan-out
+//! rather than inside its COMMIT: SQLite's automatic checkpoint runs in
+//! the COMMIT that grows the WAL past 1,000 frames (copying them into the
+//! database file and syncing it), so that batch's messages waited for it.
+//! A WAL hook now only notes the WAL's size, and the writer checkpoints
+//! (PASSIVE, same threshold) once the batch is delivered and acked. Being
+//! the only checkpointer, it keeps the WAL from growing: the next write
+//! after a complete checkpoint starts the WAL over.
 
-use std::collections::HashMap;
+use std::cell::Cell;
+use std::os::raw::c_int;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -92,9 +102,14 @@ pub type OnCommit = Box<dyn FnOnce(Result<SendOutcome, StoreError>) + Send>;
 
 const FIND_KEY: &str = "SELECT id, chat_id, content, created_at FROM messages
      WHERE sender_id = ?1 AND client_msg_id = ?2";
+/// A repeated `(sender_id, client_msg_id)` hits the unique index and
+/// inserts nothing (no row changed); only then is the original looked up.
+/// (No `RETURNING id`: SQLite buffers returned rows in a temporary table,
+/// dearer than reading the last rowid.)
 const INSERT_MESSAGE: &str =
     "INSERT INTO messages (chat_id, sender_id, content, client_msg_id, created_at)
-     VALUES (?1, ?2, ?3, ?4, ?5)";
+     VALUES (?1, ?2, ?3, ?4, ?5)
+     ON CONFLICT DO NOTHING";
 
 /// A queued message insert.
 struct Queued {
@@ -145,6 +160,23 @@ pub(super) fn spawn(
     Ok(WriterHandle { tx })
 }
 
+/// WAL frames after which the writer checkpoints (SQLite's automatic
+/// checkpoint threshold).
+const CHECKPOINT_FRAMES: c_int = 1_000;
+
+thread_local! {
+    /// Frames in the WAL after the writer thread's last commit.
+    static WAL_FRAMES: Cell<c_int> = const { Cell::new(0) };
+}
+
+/// The writer connection's WAL hook, called inside COMMIT on the writer
+/// thread. Installing it replaces SQLite's automatic checkpoint, which
+/// would run right here; the writer runs it after the fan-out instead.
+fn note_wal_frames(_: &rusqlite::hooks::Wal, frames: c_int) -> rusqlite::Result<()> {
+    WAL_FRAMES.set(frames);
+    Ok(())
+}
+
 fn open(path: &Path, settings: &DatabaseSettings) -> Result<Connection, StoreError> {
     let mut conn = Connection::open_with_flags(
         path,
@@ -162,6 +194,7 @@ fn open(path: &Path, settings: &DatabaseSettings) -> Result<Connection, StoreErr
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", synchronous)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.wal_hook(Some(note_wal_frames));
     Ok(conn)
 }
 
@@ -253,6 +286,7 @@ impl Writer {
                         }
                     }
                     self.commit_messages(&mut batch);
+                    self.checkpoint_if_due();
                     if next.is_some() {
                         continue;
                     }
@@ -264,10 +298,12 @@ impl Writer {
                 } => {
                     let res = self.create_user(&username, password_hash.as_deref());
                     let _ = reply.send(res);
+                    self.checkpoint_if_due();
                 }
                 Command::InitiateChat { a, b, reply } => {
                     let res = self.initiate_chat(a, b);
                     let _ = reply.send(res);
+                    self.checkpoint_if_due();
                 }
                 Command::Shutdown(done) => {
                     // Everything queued before the shutdown request has been
@@ -282,6 +318,22 @@ impl Writer {
                 }
             }
             next = self.rx.blocking_recv();
+        }
+    }
+
+    /// Checkpoints once the WAL has grown past [`CHECKPOINT_FRAMES`]; called
+    /// after a write's replies and fan-out, never inside its COMMIT.
+    fn checkpoint_if_due(&mut self) {
+        if WAL_FRAMES.get() < CHECKPOINT_FRAMES {
+            return;
+        }
+        WAL_FRAMES.set(0);
+        // PASSIVE: copies what no reader still needs, never waits for one.
+        if let Err(e) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
         }
     }
 
@@ -382,10 +434,12 @@ fn insert_or_nothing(
 }
 
 /// Inserts the batch in one transaction; nothing is visible or replied
-/// before COMMIT returns. Per message: a look-up of its idempotency key
-/// (if it has one), then the INSERT; both statements are prepared once and
-/// cached. A row that fails a constraint (its chat is gone) gets its own
-/// error and the others go on; any other failure rolls the whole batch back.
+/// before COMMIT returns. Per message one INSERT, whose unique index on
+/// `(sender_id, client_msg_id)` tells a repeated key (also one first used
+/// earlier in this batch: the transaction sees its own rows); only a
+/// repeat is looked up. Both statements are prepared once and cached. A
+/// row that fails a constraint (its chat is gone) gets its own error and
+/// the others go on; any other failure rolls the whole batch back.
 fn insert_all(
     conn: &mut Connection,
     batch: &[Queued],
@@ -402,72 +456,69 @@ fn insert_rows(
     batch: &[Queued],
     ts: i64,
 ) -> Result<Vec<RowResult>, StoreError> {
-    let mut find = tx.prepare_cached(FIND_KEY)?;
     let mut insert = tx.prepare_cached(INSERT_MESSAGE)?;
-    // Keys first used in this batch: a repeat is a duplicate of that row.
-    let mut in_batch: HashMap<(i64, &str), Arc<StoredMessage>> = HashMap::new();
     let mut outcomes = Vec::with_capacity(batch.len());
     for q in batch {
         let m = &q.msg;
-        if let Some(key) = m.client_msg_id.as_deref() {
-            if let Some(first) = in_batch.get(&(m.sender_id, key)) {
-                outcomes.push(Ok(SendOutcome::Duplicate(first.clone())));
-                continue;
-            }
-            let found = find
-                .query_row(params![m.sender_id, key], |r| {
-                    Ok(Message {
-                        id: r.get(0)?,
-                        chat_id: r.get(1)?,
-                        sender: m.sender.to_string(),
-                        sender_id: m.sender_id,
-                        content: r.get(2)?,
-                        timestamp: Timestamp(r.get(3)?),
-                    })
-                })
-                .optional()?;
-            if let Some(message) = found {
-                outcomes.push(Ok(SendOutcome::Duplicate(Arc::new(StoredMessage {
-                    message,
-                    client_msg_id: Some(key.to_string()),
-                    members: q.members,
-                }))));
-                continue;
-            }
-        }
-        match insert.execute(params![
+        let inserted = insert.execute(params![
             m.chat_id,
             m.sender_id,
             m.content,
             m.client_msg_id,
             ts
-        ]) {
-            Ok(_) => {}
+        ]);
+        let outcome = match inserted {
+            Ok(1) => SendOutcome::Created(Arc::new(StoredMessage {
+                message: Message {
+                    id: tx.last_insert_rowid(),
+                    chat_id: m.chat_id,
+                    sender: m.sender.to_string(),
+                    sender_id: m.sender_id,
+                    content: m.content.clone(),
+                    timestamp: Timestamp(ts),
+                },
+                client_msg_id: m.client_msg_id.clone(),
+                members: q.members,
+            })),
+            // Nothing inserted: only the idempotency index can refuse a row.
+            Ok(_) => SendOutcome::Duplicate(Arc::new(original(tx, q)?)),
             Err(e) if is_foreign_key(&e) => {
                 // Only this statement was rolled back; the rest of the batch stands.
                 outcomes.push(Err(StoreError::ChatNotFound));
                 continue;
             }
             Err(e) => return Err(e.into()),
-        }
-        let stored = Arc::new(StoredMessage {
-            message: Message {
-                id: tx.last_insert_rowid(),
-                chat_id: m.chat_id,
-                sender: m.sender.to_string(),
-                sender_id: m.sender_id,
-                content: m.content.clone(),
-                timestamp: Timestamp(ts),
-            },
-            client_msg_id: m.client_msg_id.clone(),
-            members: q.members,
-        });
-        if let Some(key) = m.client_msg_id.as_deref() {
-            in_batch.insert((m.sender_id, key), stored.clone());
-        }
-        outcomes.push(Ok(SendOutcome::Created(stored)));
+        };
+        outcomes.push(Ok(outcome));
     }
     Ok(outcomes)
+}
+
+/// The message first stored under `q`'s sender and `client_msg_id`.
+fn original(tx: &Transaction<'_>, q: &Queued) -> Result<StoredMessage, StoreError> {
+    let m = &q.msg;
+    let key = m.client_msg_id.as_deref().ok_or_else(|| {
+        StoreError::Io(Arc::new(std::io::Error::other(
+            "insert refused a message without an idempotency key",
+        )))
+    })?;
+    let message = tx
+        .prepare_cached(FIND_KEY)?
+        .query_row(params![m.sender_id, key], |r| {
+            Ok(Message {
+                id: r.get(0)?,
+                chat_id: r.get(1)?,
+                sender: m.sender.to_string(),
+                sender_id: m.sender_id,
+                content: r.get(2)?,
+                timestamp: Timestamp(r.get(3)?),
+            })
+        })?;
+    Ok(StoredMessage {
+        message,
+        client_msg_id: Some(key.to_string()),
+        members: q.members,
+    })
 }
 
 /// A foreign-key failure on insert means the chat (or sender) does not exist.

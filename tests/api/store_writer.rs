@@ -161,6 +161,35 @@ async fn an_idempotent_resend_returns_the_original_id_even_after_reopening() {
 }
 
 #[tokio::test]
+async fn a_new_key_sent_concurrently_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let a = store.create_user("a", None).await.unwrap().unwrap();
+    let b = store.create_user("b", None).await.unwrap().unwrap();
+    let (chat, _) = store.initiate_direct_chat(a.id, b.id).await.unwrap();
+    // Queued together, so the first use and its repeats usually share a batch.
+    let sends = futures_util::future::join_all(
+        (0..10).map(|_| store.send_message(msg(chat, a.id, "once".into(), Some("key-2".into())))),
+    )
+    .await;
+    let mut created = Vec::new();
+    let mut duplicates = Vec::new();
+    for r in sends {
+        match r.unwrap() {
+            SendOutcome::Created(m) => created.push(m.message.id),
+            SendOutcome::Duplicate(m) => duplicates.push(m.message.id),
+        }
+    }
+    assert_eq!(created.len(), 1, "exactly one send stores the message");
+    assert_eq!(duplicates, vec![created[0]; 9]);
+    assert_eq!(
+        page(&store, chat, HistoryPage::Latest { limit: 50 }).len(),
+        1
+    );
+    store.close().await;
+}
+
+#[tokio::test]
 async fn a_bad_message_in_a_batch_fails_alone() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir).await;
@@ -214,4 +243,35 @@ async fn writes_after_close_fail_cleanly() {
     store.close().await;
     let err = store.create_user("late", None).await.unwrap_err();
     assert!(matches!(err, shindensen::store::StoreError::Closed));
+}
+
+#[tokio::test]
+async fn the_writer_checkpoints_so_the_wal_stays_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let a = store.create_user("a", None).await.unwrap().unwrap();
+    let b = store.create_user("b", None).await.unwrap().unwrap();
+    let (chat, _) = store.initiate_direct_chat(a.id, b.id).await.unwrap();
+    // One commit each: every commit appends at least two 4 KiB frames (the
+    // table and the chat index), so without checkpoints the WAL would pass
+    // 6,000 frames (24 MiB). The writer checkpoints at 1,000 frames, after
+    // which the WAL starts over from its beginning.
+    for i in 0..3_000 {
+        store
+            .send_message(msg(chat, a.id, format!("m{i}"), Some(format!("k{i}"))))
+            .await
+            .unwrap();
+    }
+    let wal = std::fs::metadata(dir.path().join("w.db-wal"))
+        .unwrap()
+        .len();
+    assert!(
+        wal < 8 * 1024 * 1024,
+        "the WAL grew to {wal} bytes: checkpoints are not running"
+    );
+    assert_eq!(
+        page(&store, chat, HistoryPage::Latest { limit: 200 }).len(),
+        200
+    );
+    store.close().await;
 }

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use shindensen::config::DatabaseSettings;
-use shindensen::store::{HistoryPage, NewMessage, NoopSink, SendOutcome, Store};
+use shindensen::store::{HistoryPage, NewMessage, NoopSink, SendOutcome, Store, User};
 
 async fn open(dir: &tempfile::TempDir) -> Store {
     let settings = DatabaseSettings {
@@ -12,6 +12,16 @@ async fn open(dir: &tempfile::TempDir) -> Store {
         ..DatabaseSettings::default()
     };
     Store::open(&settings, Arc::new(NoopSink)).await.unwrap()
+}
+
+/// A store on a fresh file, with users `a` and `b` and their chat.
+async fn with_chat() -> (tempfile::TempDir, Store, User, User, i64) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let a = store.create_user("a", None).await.unwrap().unwrap();
+    let b = store.create_user("b", None).await.unwrap().unwrap();
+    let (chat, _) = store.initiate_direct_chat(a.id, b.id).await.unwrap();
+    (dir, store, a, b, chat)
 }
 
 /// A history page as JSON values.
@@ -32,11 +42,7 @@ fn msg(chat_id: i64, sender_id: i64, content: String, key: Option<String>) -> Ne
 
 #[tokio::test]
 async fn a_thousand_concurrent_inserts_from_50_tasks_all_commit_in_increasing_id_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir).await;
-    let a = store.create_user("a", None).await.unwrap().unwrap();
-    let b = store.create_user("b", None).await.unwrap().unwrap();
-    let (chat, _) = store.initiate_direct_chat(a.id, b.id).await.unwrap();
+    let (_dir, store, a, _b, chat) = with_chat().await;
 
     let tasks: Vec<_> = (0..50)
         .map(|t| {
@@ -107,11 +113,7 @@ async fn a_thousand_concurrent_inserts_from_50_tasks_all_commit_in_increasing_id
 
 #[tokio::test]
 async fn an_idempotent_resend_returns_the_original_id_even_after_reopening() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir).await;
-    let a = store.create_user("a", None).await.unwrap().unwrap();
-    let b = store.create_user("b", None).await.unwrap().unwrap();
-    let (chat, _) = store.initiate_direct_chat(a.id, b.id).await.unwrap();
+    let (dir, store, a, b, chat) = with_chat().await;
     let first = store
         .send_message(msg(chat, a.id, "hello".into(), Some("key-1".into())))
         .await
@@ -162,11 +164,7 @@ async fn an_idempotent_resend_returns_the_original_id_even_after_reopening() {
 
 #[tokio::test]
 async fn a_new_key_sent_concurrently_is_stored_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir).await;
-    let a = store.create_user("a", None).await.unwrap().unwrap();
-    let b = store.create_user("b", None).await.unwrap().unwrap();
-    let (chat, _) = store.initiate_direct_chat(a.id, b.id).await.unwrap();
+    let (_dir, store, a, _b, chat) = with_chat().await;
     // Queued together, so the first use and its repeats usually share a batch.
     let sends = futures_util::future::join_all(
         (0..10).map(|_| store.send_message(msg(chat, a.id, "once".into(), Some("key-2".into())))),
@@ -191,11 +189,7 @@ async fn a_new_key_sent_concurrently_is_stored_once() {
 
 #[tokio::test]
 async fn a_bad_message_in_a_batch_fails_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir).await;
-    let a = store.create_user("a", None).await.unwrap().unwrap();
-    let b = store.create_user("b", None).await.unwrap().unwrap();
-    let (chat, _) = store.initiate_direct_chat(a.id, b.id).await.unwrap();
+    let (_dir, store, a, b, chat) = with_chat().await;
     // A sender that does not exist passes the chat check but fails its
     // insert inside the writer's batch (foreign key).
     let sends = (0..30).map(|i| {
@@ -247,11 +241,7 @@ async fn writes_after_close_fail_cleanly() {
 
 #[tokio::test]
 async fn the_writer_checkpoints_so_the_wal_stays_bounded() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir).await;
-    let a = store.create_user("a", None).await.unwrap().unwrap();
-    let b = store.create_user("b", None).await.unwrap().unwrap();
-    let (chat, _) = store.initiate_direct_chat(a.id, b.id).await.unwrap();
+    let (dir, store, a, _b, chat) = with_chat().await;
     // One commit each: every commit appends at least two 4 KiB frames (the
     // table and the chat index), so without checkpoints the WAL would pass
     // 6,000 frames (24 MiB). The writer checkpoints at 1,000 frames, after

@@ -39,9 +39,9 @@ pub struct StepResult {
     pub acked: u64,
     pub delivered: u64,
     pub delivered_per_sec: f64,
-    /// Error and `resync` frames, and peer messages that came twice or out
-    /// of id order.
+    /// Error and `resync` frames.
     pub errors: u64,
+    /// Peer messages whose id did not grow (a repeat, or out of order).
     pub duplicates: u64,
     /// Connections the server closed with 4008 (slow consumer).
     pub closed_slow: u64,
@@ -459,6 +459,16 @@ struct Shared {
     resume: bool,
 }
 
+impl Shared {
+    /// The counters of the step running now (or the last one, while draining).
+    fn step_now(&self) -> &StepCounters {
+        &self.counters[self
+            .current
+            .load(Ordering::Relaxed)
+            .min(self.counters.len() - 1)]
+    }
+}
+
 /// Reads one connection's frames; after a close it reconnects with
 /// `?since=` (the highest id it has seen) and hands the new sending half
 /// to the sender.
@@ -475,11 +485,10 @@ async fn receive(
         epoch,
         counters,
         stop,
-        current,
         ..
     } = &*shared;
     let epoch = *epoch;
-    let step_now = || &counters[current.load(Ordering::Relaxed).min(steps - 1)];
+    let step_now = || shared.step_now();
     let mut hists: Vec<Histogram<u64>> = (0..steps)
         .map(|_| Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds"))
         .collect();
@@ -585,13 +594,7 @@ async fn resume(
     for _ in 0..50 {
         if let Ok(ws) = client::connect_url(&url, user).await {
             let (sink, stream) = ws.split();
-            let step = shared
-                .current
-                .load(Ordering::Relaxed)
-                .min(shared.counters.len() - 1);
-            shared.counters[step]
-                .resumed
-                .fetch_add(1, Ordering::Relaxed);
+            shared.step_now().resumed.fetch_add(1, Ordering::Relaxed);
             let _ = relink.send(sink).await;
             return Some(stream);
         }

@@ -12,12 +12,16 @@ ENV SQLX_OFFLINE=true CARGO_TERM_COLOR=never CARGO_INCREMENTAL=0
 
 # Dependencies first, in their own layer: rebuilt only when the manifest or
 # the lock file changes, not on every source edit.
+# The load generator is a workspace member: its manifest (and a stub) lets
+# cargo resolve the workspace; it is never built here.
 COPY Cargo.toml Cargo.lock ./
+COPY bench/Cargo.toml bench/Cargo.toml
 COPY .cargo .cargo
-RUN mkdir src \
+RUN mkdir src bench/src \
  && echo 'fn main() {}' > src/main.rs \
+ && echo 'fn main() {}' > bench/src/main.rs \
  && touch src/lib.rs \
- && cargo build --release --locked \
+ && cargo build --release --locked -p shindensen \
  && rm -rf src target/release/.fingerprint/shindensen-* target/release/deps/shindensen-* \
            target/release/deps/libshindensen-*
 
@@ -26,7 +30,9 @@ RUN mkdir src \
 COPY migrations migrations
 COPY .sqlx .sqlx
 COPY src src
-RUN cargo build --release --locked --bin shindensen \
+# The browser client, embedded in the binary (src/http/web.rs).
+COPY web web
+RUN cargo build --release --locked -p shindensen --bin shindensen \
  && install -D target/release/shindensen /out/shindensen \
  && mkdir -p /out/data
 
@@ -34,7 +40,7 @@ FROM ${RUNTIME_IMAGE}
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="shindensen" \
-      org.opencontainers.image.description="Messenger backend: direct chats, real-time WebSocket delivery, durable SQLite history" \
+      org.opencontainers.image.description="Messenger backend: chats, real-time WebSocket delivery, durable history" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.licenses="MIT" \

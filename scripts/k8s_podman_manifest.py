@@ -18,7 +18,13 @@ Changes podman 4.3 needs, only where the overlay has init containers:
   an extra PVC, shindensen-backup, instead of the S3 bucket of litestream.yml
   (no object store here); the rest of litestream.yml is used as rendered.
 
-Usage: k8s_podman_manifest.py RENDERED.yaml PORT [--file-replica] > OUT.yaml"""
+With --service-links, the pod gets what Kubernetes injects when
+enableServiceLinks is not false: the variables of every rendered Service
+(for the Service `shindensen`: SHINDENSEN_SERVICE_HOST, SHINDENSEN_PORT,
+SHINDENSEN_PORT_80_TCP_ADDR, ...). podman has no Services and injects none,
+so they are written into the container's env, as the kubelet would.
+
+Usage: k8s_podman_manifest.py RENDERED.yaml PORT [--file-replica] [--service-links] > OUT.yaml"""
 import argparse
 import sys
 
@@ -28,6 +34,7 @@ p = argparse.ArgumentParser()
 p.add_argument("rendered")
 p.add_argument("port", type=int)
 p.add_argument("--file-replica", action="store_true")
+p.add_argument("--service-links", action="store_true")
 args = p.parse_args()
 
 docs = [d for d in yaml.safe_load_all(open(args.rendered)) if d]
@@ -47,6 +54,26 @@ for c in pod["containers"]:
         if port["name"] == "http":
             port["hostPort"] = args.port
             port["hostIP"] = "127.0.0.1"
+
+if args.service_links:
+    pod.pop("enableServiceLinks", None)
+    links = []
+    for svc in (d for d in docs if d["kind"] == "Service"):
+        name = svc["metadata"]["name"].upper().replace("-", "_")
+        host = "10.96.0.10"  # what a ClusterIP looks like; nothing listens there
+        ports = svc["spec"]["ports"]
+        links += [(f"{name}_SERVICE_HOST", host), (f"{name}_SERVICE_PORT", str(ports[0]["port"])),
+                  (f"{name}_PORT", f"tcp://{host}:{ports[0]['port']}")]
+        for port in ports:
+            proto, number = port.get("protocol", "TCP"), port["port"]
+            if port.get("name"):
+                links.append((f"{name}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}", str(number)))
+            prefix = f"{name}_PORT_{number}_{proto}"
+            links += [(prefix, f"{proto.lower()}://{host}:{number}"), (f"{prefix}_PROTO", proto.lower()),
+                      (f"{prefix}_PORT", str(number)), (f"{prefix}_ADDR", host)]
+    for c in pod["containers"]:
+        c.setdefault("env", []).extend({"name": k, "value": v} for k, v in links)
+    print(f"# service links: {[k for k, _ in links]}", file=sys.stderr)
 
 out = [deployment]
 for d in docs:

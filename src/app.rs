@@ -1,10 +1,10 @@
 //! Application assembly: `build` opens the store and binds the listener
-//! (port 0 in tests), `run` serves until the shutdown future resolves.
+//! (port 0 in tests), `run` serves until the shutdown future resolves,
+//! then shuts down in order.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::Deref;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,10 +14,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{JwtKeys, PasswordHasher, jwt};
 use crate::config::{AuthMode, MIN_SECRET_BYTES, Settings};
-use crate::ratelimit::KeyedLimiter;
-use crate::store::Store;
+use crate::domain::{Accounts, Chats, Notify};
+use crate::store::{self, Store};
 use crate::ws::Hub;
 
 /// Shared state of every request and connection; cheap to clone.
@@ -26,11 +25,9 @@ pub struct AppState(Arc<AppInner>);
 
 pub struct AppInner {
     pub settings: Settings,
-    pub store: Store,
-    pub jwt: JwtKeys,
-    pub hasher: PasswordHasher,
-    pub login_ip: KeyedLimiter<std::net::IpAddr>,
-    pub login_user: KeyedLimiter<String>,
+    pub store: Arc<dyn Store>,
+    pub accounts: Accounts,
+    pub chats: Chats,
     /// Open WebSocket connections, for fan-out.
     pub hub: Arc<Hub>,
     /// Cancelled the moment shutdown is requested: readiness fails.
@@ -48,6 +45,35 @@ impl Deref for AppState {
     }
 }
 
+impl AppState {
+    /// State around an open store whose committed messages go to `hub`.
+    /// `notify` carries read and typing notices: the hub itself on one
+    /// node, the hub and the other nodes in a cluster.
+    pub fn new(
+        settings: Settings,
+        store: Arc<dyn Store>,
+        hub: Arc<Hub>,
+        notify: Arc<dyn Notify>,
+        secret: &SecretString,
+    ) -> AppState {
+        AppState(Arc::new(AppInner {
+            accounts: Accounts::new(&settings.auth, secret, store.clone()),
+            chats: Chats::new(
+                store.clone(),
+                notify,
+                settings.chats.clone(),
+                Duration::from_millis(settings.ws.typing_interval_ms),
+            ),
+            store,
+            hub,
+            draining: CancellationToken::new(),
+            shutdown: CancellationToken::new(),
+            ws_tracker: TaskTracker::new(),
+            settings,
+        }))
+    }
+}
+
 pub struct Application {
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
@@ -60,40 +86,28 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
         settings.validate()?;
         let hub = Arc::new(Hub::new());
-        let store = Store::open(&settings.database, hub.clone())
-            .await
-            .context("opening the database")?;
-        let secret = signing_secret(&settings, store.path())?;
-        let window = Duration::from_secs(settings.auth.login_window_secs);
-        let listener = TcpListener::bind(&settings.server.listen)
+        let (peers, notify) = connect_peers(&settings, &hub).await?;
+        let store =
+            store::open_with_peers(&settings.database, &settings.cluster, hub.clone(), peers)
+                .await
+                .context("opening the database")?;
+        let secret = signing_secret(&settings, store.as_ref()).await?;
+        let listener = TcpListener::bind(settings.server.listen)
             .await
             .with_context(|| format!("binding server.listen = {}", settings.server.listen))?;
-        let metrics_listener = match settings.metrics.listen.as_str() {
-            "" => None,
-            addr => Some(
+        let metrics_listener = match settings.metrics.listen {
+            None => None,
+            Some(addr) => Some(
                 TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("binding metrics.listen = {addr}"))?,
             ),
         };
         crate::telemetry::metrics::install();
-        let hash_concurrency = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let state = AppState(Arc::new(AppInner {
-            jwt: JwtKeys::new(&secret, settings.auth.token_ttl_secs),
-            hasher: PasswordHasher::new(hash_concurrency),
-            login_ip: KeyedLimiter::new(settings.auth.login_attempts_per_ip, window),
-            login_user: KeyedLimiter::new(settings.auth.login_attempts_per_username, window),
-            store,
-            hub,
-            draining: CancellationToken::new(),
-            shutdown: CancellationToken::new(),
-            ws_tracker: TaskTracker::new(),
-            settings,
-        }));
         Ok(Application {
             listener,
             metrics_listener,
-            state,
+            state: AppState::new(settings, store, hub, notify, &secret),
         })
     }
 
@@ -188,9 +202,37 @@ impl Application {
     }
 }
 
-/// The configured secret, or the one kept next to the database (created on
-/// first start).
-fn signing_secret(settings: &Settings, db_path: &Path) -> anyhow::Result<SecretString> {
+/// The configured secret, or the one the store keeps (SQLite: next to the
+/// database file, created on first start).
+/// With `cluster.nats_url`: the link to the other nodes for the store,
+/// and a notifier that reaches them too.
+async fn connect_peers(
+    settings: &Settings,
+    hub: &Arc<Hub>,
+) -> anyhow::Result<(Option<store::Peers>, Arc<dyn Notify>)> {
+    let local: Arc<dyn Notify> = hub.clone();
+    if settings.cluster.nats_url.is_none() {
+        return Ok((None, local));
+    }
+    #[cfg(feature = "postgres")]
+    {
+        let node = format!("{}@{}", std::process::id(), settings.server.listen);
+        let (cluster, peers, feed) = crate::cluster::Cluster::connect(&settings.cluster, &node)
+            .await
+            .context("connecting to NATS")?;
+        feed.deliver_to(local.clone());
+        Ok((Some(peers), cluster.notify(local)))
+    }
+    #[cfg(not(feature = "postgres"))]
+    anyhow::bail!("cluster.nats_url: this build has no PostgreSQL backend")
+}
+
+async fn signing_secret(settings: &Settings, store: &dyn Store) -> anyhow::Result<SecretString> {
+    if settings.auth.mode == AuthMode::Open {
+        tracing::warn!(
+            "auth.mode = open: anyone can log in as anyone with a username alone. Use only for local development"
+        );
+    }
     if let Some(secret) = &settings.auth.jwt_secret {
         if secret.expose_secret().len() < MIN_SECRET_BYTES {
             // validate() refuses this outside open mode.
@@ -200,25 +242,15 @@ fn signing_secret(settings: &Settings, db_path: &Path) -> anyhow::Result<SecretS
         }
         return Ok(secret.clone());
     }
-    let path = secret_path(db_path);
-    let secret = jwt::load_or_create_secret(&path).with_context(|| {
-        format!(
-            "reading or creating the signing secret at {}",
-            path.display()
-        )
-    })?;
-    tracing::info!(path = %path.display(), "using the signing secret kept next to the database");
-    if settings.auth.mode == AuthMode::Open {
-        tracing::warn!(
-            "auth.mode = open: anyone can log in as anyone with a username alone. Use only for local development"
-        );
+    match store.kept_signing_secret().await? {
+        Some(kept) => {
+            tracing::info!(path = %kept.location, "using the signing secret kept next to the database");
+            Ok(kept.secret)
+        }
+        None => anyhow::bail!(
+            "auth.jwt_secret (JWT_SECRET) must be set: the {} database keeps no signing secret. \
+             Generate one with `openssl rand -base64 48` and give every node the same value",
+            store.describe()
+        ),
     }
-    Ok(secret)
-}
-
-/// `<database file>.jwt-secret`.
-pub fn secret_path(db_path: &Path) -> PathBuf {
-    let mut name = db_path.as_os_str().to_owned();
-    name.push(".jwt-secret");
-    PathBuf::from(name)
 }

@@ -30,10 +30,26 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub auth: AuthSettings,
     pub ws: WsSettings,
+    pub chats: ChatSettings,
+    pub cluster: ClusterSettings,
     pub log: LogSettings,
     pub metrics: MetricsSettings,
     pub tracing: TracingSettings,
     pub shutdown: ShutdownSettings,
+    pub web: WebSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSettings {
+    /// Serve the embedded browser client (`web/`) at `GET /`.
+    pub enabled: bool,
+}
+
+impl Default for WebSettings {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -42,14 +58,15 @@ pub struct MetricsSettings {
     /// Serve `GET /metrics` on the public listener.
     pub on_main_port: bool,
     /// Also serve `/metrics` (and the probes) on this address; empty: no extra listener.
-    pub listen: String,
+    #[serde(with = "optional_addr")]
+    pub listen: Option<SocketAddr>,
 }
 
 impl Default for MetricsSettings {
     fn default() -> Self {
         Self {
             on_main_port: true,
-            listen: String::new(),
+            listen: None,
         }
     }
 }
@@ -86,7 +103,8 @@ impl Default for ShutdownSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct ServerSettings {
     /// Address of the public listener (HTTP API, WebSocket, probes, metrics).
-    pub listen: String,
+    #[serde(with = "addr")]
+    pub listen: SocketAddr,
     /// Largest accepted HTTP request body, in bytes (413 above it).
     pub max_body_bytes: usize,
     /// Time limit for one HTTP request (not WebSocket sessions), in milliseconds.
@@ -100,7 +118,7 @@ pub struct ServerSettings {
 impl Default for ServerSettings {
     fn default() -> Self {
         Self {
-            listen: "0.0.0.0:3000".into(),
+            listen: SocketAddr::from(([0, 0, 0, 0], 3000)),
             max_body_bytes: 64 * 1024,
             request_timeout_ms: 10_000,
             header_read_timeout_ms: 10_000,
@@ -118,10 +136,19 @@ pub enum Synchronous {
     Extra,
 }
 
+/// Which database a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseSettings {
-    /// `sqlite:PATH`, `sqlite://PATH` or a plain file path.
+    /// `sqlite:PATH`, `sqlite://PATH` or a plain file path; or
+    /// `postgres://user:password@host:port/database` (`postgresql://` too).
+    #[serde(serialize_with = "redact_url_password")]
     pub url: String,
     /// SQLite `synchronous` pragma. `full` (default) makes an ack survive power loss.
     pub synchronous: Synchronous,
@@ -129,6 +156,9 @@ pub struct DatabaseSettings {
     pub busy_timeout_ms: u64,
     /// Connections in the read-only pool (history, chat list, login look-ups).
     pub read_pool_size: u32,
+    /// PostgreSQL: how long to wait for a connection before the call fails
+    /// (and, at start, before giving up), in milliseconds.
+    pub connect_timeout_ms: u64,
     /// Most message inserts committed in one transaction by the writer.
     pub write_batch_max: usize,
     /// Capacity of the writer's request queue; senders wait when it is full.
@@ -142,8 +172,54 @@ impl Default for DatabaseSettings {
             synchronous: Synchronous::Full,
             busy_timeout_ms: 5_000,
             read_pool_size: 4,
+            connect_timeout_ms: 5_000,
             write_batch_max: 2_048,
             write_queue: 16_384,
+        }
+    }
+}
+
+impl DatabaseSettings {
+    pub fn backend(&self) -> Backend {
+        let url = self.url.trim_start();
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        }
+    }
+}
+
+/// Several processes on one PostgreSQL database.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// How often a node reads the messages other nodes committed when
+    /// nothing else told it of them (no NATS, or NATS quiet or down), in
+    /// milliseconds: the bound on cross-node delay without NATS.
+    pub poll_interval_ms: u64,
+    /// NATS server(s) for cross-node fan-out (`nats://host:4222`, several
+    /// comma-separated); PostgreSQL only. Unset: nodes find each other's
+    /// messages by polling the database.
+    #[serde(
+        serialize_with = "redact_optional_url",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub nats_url: Option<String>,
+    /// Subject prefix, so several deployments can share one NATS.
+    pub nats_subject: String,
+    /// How long a node waits for a position missing from what NATS
+    /// brought before it reads it from the database, in milliseconds.
+    pub gap_wait_ms: u64,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            poll_interval_ms: 200,
+            nats_url: None,
+            nats_subject: "shindensen".into(),
+            gap_wait_ms: 50,
         }
     }
 }
@@ -210,6 +286,8 @@ pub struct WsSettings {
     pub idle_timeout_ms: u64,
     /// Most messages replayed on `?since=` before `{"type":"resync"}`.
     pub replay_max: u32,
+    /// At most one typing notice per user and chat is forwarded in this interval.
+    pub typing_interval_ms: u64,
 }
 
 impl Default for WsSettings {
@@ -223,6 +301,25 @@ impl Default for WsSettings {
             ping_interval_ms: 20_000,
             idle_timeout_ms: 60_000,
             replay_max: 1_000,
+            typing_interval_ms: 2_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatSettings {
+    /// Most members of a group, its creator included.
+    pub max_members: usize,
+    /// Longest group title, in characters.
+    pub max_title_chars: usize,
+}
+
+impl Default for ChatSettings {
+    fn default() -> Self {
+        Self {
+            max_members: 1_000,
+            max_title_chars: 100,
         }
     }
 }
@@ -250,6 +347,36 @@ impl Default for LogSettings {
             format: LogFormat::Auto,
             level: "info".into(),
         }
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:[redacted]@host/db`.
+fn redact_url_password<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redacted_url(url))
+}
+
+fn redact_optional_url<S: Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(url) => s.serialize_str(&redacted_url(url)),
+        None => s.serialize_none(),
+    }
+}
+
+/// The URL with any password replaced, for logs and `shindensen config`.
+pub fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:[redacted]@{host}{tail}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
     }
 }
 
@@ -295,10 +422,10 @@ impl Settings {
                 .add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
         }
 
-        // SHINDENSEN_SECTION__KEY; SHINDENSEN_CONFIG names the file, not a key.
+        // Only SHINDENSEN_SECTION__KEY is configuration (see `is_setting_var`).
         let overrides: config::Map<String, String> = env
             .iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.as_str() != ENV_CONFIG_FILE)
+            .filter(|(k, _)| is_setting_var(k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         builder = builder.add_source(
@@ -333,12 +460,6 @@ impl Settings {
     /// Checks values that types alone cannot. Every message names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
-        if self.server.listen.parse::<SocketAddr>().is_err() {
-            return fail(
-                "server.listen",
-                "must be an IP address and port such as 0.0.0.0:3000",
-            );
-        }
         if self.server.max_body_bytes < 1024 {
             return fail("server.max_body_bytes", "must be at least 1024");
         }
@@ -356,22 +477,18 @@ impl Settings {
                 );
             }
         }
-        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
-            return fail(
-                "metrics.listen",
-                "must be empty or an IP address and port such as 0.0.0.0:9100",
-            );
-        }
         if self.shutdown.grace_period_ms < 1_000 {
             return fail("shutdown.grace_period_ms", "must be at least 1000");
         }
         if self.database.url.trim().is_empty() {
             return fail(
                 "database.url (DATABASE_URL)",
-                "must name a SQLite file, e.g. sqlite:shindensen.db",
+                "must name a SQLite file (sqlite:shindensen.db) or a PostgreSQL database (postgres://user:password@host/db)",
             );
         }
-        if self.database.url.contains(":memory:") || self.database.url.contains("mode=memory") {
+        if self.database.backend() == Backend::Sqlite
+            && (self.database.url.contains(":memory:") || self.database.url.contains("mode=memory"))
+        {
             return fail(
                 "database.url (DATABASE_URL)",
                 "in-memory databases are not supported (the writer and the read pool must share one file); name a file",
@@ -426,6 +543,42 @@ impl Settings {
                 "must be greater than 0",
             );
         }
+        if self.cluster.poll_interval_ms == 0 {
+            return fail("cluster.poll_interval_ms", "must be at least 1");
+        }
+        if self.cluster.gap_wait_ms == 0 {
+            return fail("cluster.gap_wait_ms", "must be at least 1");
+        }
+        if self.cluster.nats_url.is_some() && self.database.backend() != Backend::Postgres {
+            return fail(
+                "cluster.nats_url",
+                "needs a PostgreSQL database.url: one SQLite file serves one node",
+            );
+        }
+        if self.cluster.nats_subject.is_empty()
+            || !self
+                .cluster
+                .nats_subject
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+        {
+            return fail(
+                "cluster.nats_subject",
+                "must be a NATS subject token (letters, digits, _ - .)",
+            );
+        }
+        if self.database.connect_timeout_ms == 0 {
+            return fail("database.connect_timeout_ms", "must be at least 1");
+        }
+        if self.ws.typing_interval_ms == 0 {
+            return fail("ws.typing_interval_ms", "must be at least 1");
+        }
+        if self.chats.max_members < 2 {
+            return fail("chats.max_members", "must be at least 2");
+        }
+        if self.chats.max_title_chars == 0 {
+            return fail("chats.max_title_chars", "must be at least 1");
+        }
         if self.ws.outbound_queue == 0 {
             return fail("ws.outbound_queue", "must be at least 1");
         }
@@ -440,28 +593,81 @@ impl Settings {
 
     /// The effective configuration as TOML, secrets redacted (`shindensen config`).
     pub fn redacted_toml(&self) -> String {
-        // Serializing plain data to TOML cannot fail; the secret is redacted by `redact`.
-        toml_string(self)
+        // Plain data with string keys; the secret is redacted by `redact`.
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
     }
 }
 
-fn toml_string(settings: &Settings) -> String {
-    let value = serde_json::to_value(settings).unwrap_or_default();
-    let mut out = String::new();
-    if let serde_json::Value::Object(sections) = value {
-        for (section, fields) in sections {
-            out.push_str(&format!("[{section}]\n"));
-            if let serde_json::Value::Object(fields) = fields {
-                for (key, v) in fields {
-                    if !v.is_null() {
-                        out.push_str(&format!("{key} = {v}\n"));
-                    }
-                }
-            }
-            out.push('\n');
+/// Socket addresses are written as strings (`0.0.0.0:3000`) and parsed
+/// once, at load.
+mod addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(addr: &SocketAddr, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(addr)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        let raw = String::deserialize(d)?;
+        parse(&raw).map_err(serde::de::Error::custom)
+    }
+
+    pub fn parse(raw: &str) -> Result<SocketAddr, String> {
+        raw.trim()
+            .parse()
+            .map_err(|_| format!("{raw:?} is not an IP address and port such as 0.0.0.0:3000"))
+    }
+}
+
+/// An optional socket address: empty means none.
+mod optional_addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match addr {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str(""),
         }
     }
-    out
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let raw = String::deserialize(d)?;
+        if raw.trim().is_empty() {
+            return Ok(None);
+        }
+        super::addr::parse(&raw)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Whether an environment variable is a setting: `SHINDENSEN_<SECTION>__<KEY>`,
+/// both parts non-empty. Other variables with the prefix are someone else's
+/// (Kubernetes service links such as `SHINDENSEN_PORT_80_TCP_ADDR`, a
+/// wrapper's `SHINDENSEN_BIN`) and are ignored; `SHINDENSEN_CONFIG` names
+/// the file. A variable in the `__` form with an unknown section or key still
+/// stops start-up.
+pub fn is_setting_var(name: &str) -> bool {
+    name.strip_prefix(ENV_PREFIX)
+        .and_then(|rest| rest.split_once("__"))
+        .is_some_and(|(section, key)| !section.is_empty() && !key.is_empty())
+}
+
+/// The variables with the `SHINDENSEN_` prefix that are not settings and so
+/// were ignored (logged at debug level once logging is up).
+pub fn ignored_env_vars(env: &HashMap<String, String>) -> Vec<String> {
+    let mut ignored: Vec<String> = env
+        .keys()
+        .filter(|k| k.starts_with(ENV_PREFIX) && k.as_str() != ENV_CONFIG_FILE)
+        .filter(|k| !is_setting_var(k))
+        .cloned()
+        .collect();
+    ignored.sort();
+    ignored
 }
 
 /// Rephrases the `config` crate's errors so they name the key plainly.
@@ -491,7 +697,7 @@ mod tests {
     #[test]
     fn defaults_serve_on_port_3000_with_a_local_database() {
         let s = Settings::load_from(None, &env(&[])).unwrap();
-        assert_eq!(s.server.listen, "0.0.0.0:3000");
+        assert_eq!(s.server.listen, "0.0.0.0:3000".parse().unwrap());
         assert_eq!(s.database.url, "sqlite:shindensen.db");
         assert_eq!(s.database.synchronous, Synchronous::Full);
     }
@@ -515,9 +721,39 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(s.server.listen, "127.0.0.1:2");
+        assert_eq!(s.server.listen, "127.0.0.1:2".parse().unwrap());
         assert_eq!(s.database.url, "sqlite:seed.db");
         assert_eq!(s.database.read_pool_size, 7);
+    }
+
+    #[test]
+    fn variables_not_of_the_section_key_form_are_not_settings() {
+        // Kubernetes service links for a Service named `shindensen`, and
+        // other tools' variables that share the prefix.
+        let links = [
+            ("SHINDENSEN_SERVICE_HOST", "10.0.0.1"),
+            ("SHINDENSEN_SERVICE_PORT", "80"),
+            ("SHINDENSEN_SERVICE_PORT_HTTP", "80"),
+            ("SHINDENSEN_PORT", "tcp://10.0.0.1:80"),
+            ("SHINDENSEN_PORT_80_TCP", "tcp://10.0.0.1:80"),
+            ("SHINDENSEN_PORT_80_TCP_PROTO", "tcp"),
+            ("SHINDENSEN_PORT_80_TCP_PORT", "80"),
+            ("SHINDENSEN_PORT_80_TCP_ADDR", "10.0.0.1"),
+            ("SHINDENSEN_BIN", "/usr/local/bin/shindensen"),
+            ("SHINDENSEN_SERVER__LISTEN", "127.0.0.1:7"),
+        ];
+        let s = Settings::load_from(None, &env(&links)).unwrap();
+        assert_eq!(s.server.listen, "127.0.0.1:7".parse().unwrap());
+        let ignored = ignored_env_vars(&env(&links));
+        assert_eq!(ignored.len(), 9, "{ignored:?}");
+        assert!(!ignored.contains(&"SHINDENSEN_SERVER__LISTEN".to_string()));
+        for bad in ["SHINDENSEN___X", "SHINDENSEN_SERVER__", "SHINDENSEN__KEY"] {
+            assert!(!is_setting_var(bad), "{bad}");
+        }
+        // The `__` form with an unknown section still stops start-up.
+        let err =
+            Settings::load_from(None, &env(&[("SHINDENSEN_SERVR__LISTEN", "x")])).unwrap_err();
+        assert!(err.to_string().contains("servr"), "{err}");
     }
 
     #[test]
@@ -533,6 +769,28 @@ mod tests {
         let err = Settings::load_from(None, &env(&[("JWT_SECRET", "supersecret")])).unwrap_err();
         assert!(err.to_string().contains("JWT_SECRET"), "{err}");
         assert!(err.to_string().contains("at least 32"), "{err}");
+    }
+
+    #[test]
+    fn database_urls_pick_the_backend_and_passwords_are_never_printed() {
+        let s = Settings::load_from(
+            None,
+            &env(&[(
+                "DATABASE_URL",
+                "postgres://shindensen:hunter22@db.internal:5432/chat?sslmode=require",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(s.database.backend(), Backend::Postgres);
+        let out = s.redacted_toml();
+        assert!(!out.contains("hunter22"), "{out}");
+        assert!(
+            out.contains("postgres://shindensen:[redacted]@db.internal:5432/chat?sslmode=require")
+        );
+        assert_eq!(redacted_url("postgres://u@h/d"), "postgres://u@h/d");
+        assert_eq!(redacted_url("sqlite:a.db"), "sqlite:a.db");
+        let s = Settings::load_from(None, &env(&[])).unwrap();
+        assert_eq!(s.database.backend(), Backend::Sqlite);
     }
 
     #[test]
@@ -555,5 +813,15 @@ mod tests {
         let out = s.redacted_toml();
         assert!(out.contains("[redacted]"));
         assert!(!out.contains(&secret));
+        // The printed configuration is itself a valid config file.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("printed.toml");
+        std::fs::write(
+            &file,
+            out.replace("\"[redacted]\"", &format!("\"{secret}\"")),
+        )
+        .unwrap();
+        let again = Settings::load_from(Some(&file), &env(&[])).unwrap();
+        assert_eq!(again.redacted_toml(), out);
     }
 }

@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shindensen::app::Application;
-use shindensen::config::Settings;
-use shindensen::store::{self, NoopSink, Store};
+use shindensen::config::{Backend, Settings};
+use shindensen::store::{self, NoopSink};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// mimalloc instead of glibc malloc: glibc keeps the 19 MiB argon2id work
@@ -45,6 +45,16 @@ enum Command {
     Backup { path: PathBuf },
     /// Print the effective configuration, secrets redacted.
     Config,
+    /// Copy everything from a SQLite database into an empty PostgreSQL
+    /// database (stop the server first), then compare the copy.
+    MigrateData {
+        /// The SQLite database, e.g. sqlite:/data/shindensen.db
+        #[arg(long)]
+        from: String,
+        /// The PostgreSQL database, e.g. postgres://user:password@host/db
+        #[arg(long)]
+        to: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -78,21 +88,37 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve => {
             let telemetry = shindensen::telemetry::init(&settings)?;
+            let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+            let ignored = shindensen::config::ignored_env_vars(&env);
+            if !ignored.is_empty() {
+                tracing::debug!(
+                    ?ignored,
+                    "environment variables with the SHINDENSEN_ prefix that are not SHINDENSEN_SECTION__KEY settings were ignored"
+                );
+            }
             let app = Application::build(settings).await?;
             app.run(shutdown_signal()).await?;
             tokio::task::spawn_blocking(move || telemetry.shutdown(Duration::from_secs(5))).await?;
         }
         Command::Migrate => {
             let _telemetry = shindensen::telemetry::init(&settings)?;
-            let store = Store::open(&settings.database, std::sync::Arc::new(NoopSink))
-                .await
-                .context("opening the database and applying migrations")?;
+            let store = store::open(
+                &settings.database,
+                &settings.cluster,
+                std::sync::Arc::new(NoopSink),
+            )
+            .await
+            .context("opening the database and applying migrations")?;
             store.close().await;
-            println!("migrations applied to {}", store.path().display());
+            println!("migrations applied to {}", store.describe());
         }
         Command::Healthcheck { addr } => return Ok(healthcheck(&settings, addr).await),
         Command::Backup { path } => {
-            let report = store::backup(&settings.database.url, &path)
+            if settings.database.backend() == Backend::Postgres {
+                eprintln!("shindensen: {}", store::POSTGRES_BACKUP_ADVICE);
+                return Ok(ExitCode::from(2));
+            }
+            let report = store::backup(&settings.database, &path)
                 .await
                 .with_context(|| format!("backing up to {}", path.display()))?;
             println!(
@@ -105,6 +131,27 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Config => print!("{}", settings.redacted_toml()),
+        Command::MigrateData { from, to } => {
+            let report = store::transfer::migrate_data(&from, &to)
+                .await
+                .with_context(|| {
+                    format!(
+                        "copying {} into {}",
+                        shindensen::config::redacted_url(&from),
+                        shindensen::config::redacted_url(&to)
+                    )
+                })?;
+            println!(
+                "copied into {}: {} users, {} chats, {} memberships, {} messages (largest id {}); \
+                 every table's row count and largest id match the source",
+                shindensen::config::redacted_url(&to),
+                report.users.0,
+                report.chats.0,
+                report.members.0,
+                report.messages.0,
+                report.messages.1
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -112,11 +159,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
 /// GET /readyz on the local listener with a plain HTTP/1.1 request.
 async fn healthcheck(settings: &Settings, addr: Option<SocketAddr>) -> ExitCode {
     let addr = addr.unwrap_or_else(|| {
-        let mut a: SocketAddr = settings
-            .server
-            .listen
-            .parse()
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 3000)));
+        let mut a = settings.server.listen;
         if a.ip().is_unspecified() {
             a.set_ip(if a.is_ipv4() {
                 [127, 0, 0, 1].into()

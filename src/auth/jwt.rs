@@ -1,12 +1,12 @@
 //! HS256 access tokens. Only HS256 is accepted: `none`, HS512, RS256 and
 //! anything else fail validation, as do bad signatures and expired tokens.
 
-use std::path::Path;
-
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use rand::RngExt;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+
+use super::Identity;
+use crate::ids::UserId;
 
 /// Token claims: `sub` is the user id as a string (RFC 7519).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,7 +51,7 @@ impl JwtKeys {
     }
 
     /// Issues a token for the user.
-    pub fn issue(&self, user_id: i64, username: &str) -> String {
+    pub fn issue(&self, user_id: UserId, username: &str) -> String {
         let iat = jsonwebtoken::get_current_timestamp();
         let claims = Claims {
             sub: user_id.to_string(),
@@ -64,57 +64,17 @@ impl JwtKeys {
             .expect("HS256 encoding with an HMAC key")
     }
 
-    /// Verifies a token and returns `(user_id, username)`.
-    pub fn verify(&self, token: &str) -> Result<(i64, String), TokenError> {
+    /// Verifies a token and returns whom it was issued to.
+    pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|_| TokenError::Invalid)?;
         let id: i64 = data.claims.sub.parse().map_err(|_| TokenError::Invalid)?;
         if id <= 0 {
             return Err(TokenError::Invalid);
         }
-        Ok((id, data.claims.username))
+        Ok(Identity {
+            id: UserId(id),
+            username: data.claims.username,
+        })
     }
-}
-
-/// Reads the signing secret kept at `path`, or generates and stores one
-/// (mode 0600) so tokens survive restarts.
-pub fn load_or_create_secret(path: &Path) -> std::io::Result<SecretString> {
-    match std::fs::read_to_string(path) {
-        Ok(s) if s.trim().len() >= crate::config::MIN_SECRET_BYTES => {
-            return Ok(SecretString::from(s.trim().to_string()));
-        }
-        Ok(_) => {
-            return Err(std::io::Error::other(format!(
-                "{} holds a secret shorter than {} bytes; delete it to have a new one generated",
-                path.display(),
-                crate::config::MIN_SECRET_BYTES
-            )));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let mut bytes = [0u8; 48];
-    rand::rng().fill(&mut bytes[..]);
-    use base64::Engine as _;
-    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-    write_private(path, &secret)?;
-    Ok(SecretString::from(secret))
-}
-
-#[cfg(unix)]
-fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()
-}
-
-#[cfg(not(unix))]
-fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    std::fs::write(path, contents)
 }

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::domain::DomainError;
 use crate::store::StoreError;
 
 /// Error body of every non-2xx response.
@@ -37,6 +38,8 @@ pub enum ApiError {
     UserNotFound,
     #[error("chat not found")]
     ChatNotFound,
+    #[error("{0}")]
+    Forbidden(String),
     #[error("no route for this path")]
     RouteNotFound,
     #[error("method not allowed for this path")]
@@ -75,6 +78,7 @@ impl ApiError {
             ApiError::UserNotFound | ApiError::ChatNotFound | ApiError::RouteNotFound => {
                 StatusCode::NOT_FOUND
             }
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::UsernameTaken => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -94,6 +98,7 @@ impl ApiError {
             ApiError::InvalidCredentials => "invalid_credentials",
             ApiError::UserNotFound => "user_not_found",
             ApiError::ChatNotFound => "chat_not_found",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::RouteNotFound => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::UsernameTaken => "username_taken",
@@ -128,13 +133,27 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<DomainError> for ApiError {
+    fn from(e: DomainError) -> Self {
+        match e {
+            DomainError::Invalid { code, message } => ApiError::Unprocessable { code, message },
+            DomainError::InvalidCredentials => ApiError::InvalidCredentials,
+            DomainError::InvalidToken => ApiError::InvalidToken,
+            DomainError::BadRequest(message) => ApiError::InvalidRequest(message),
+            e @ DomainError::Forbidden => ApiError::Forbidden(e.to_string()),
+            DomainError::UsernameTaken => ApiError::UsernameTaken,
+            DomainError::UserNotFound => ApiError::UserNotFound,
+            DomainError::ChatNotFound => ApiError::ChatNotFound,
+            DomainError::RateLimited { retry_after } => ApiError::RateLimited { retry_after },
+            DomainError::Unavailable => ApiError::NotReady,
+            DomainError::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::ChatNotFound => ApiError::ChatNotFound,
-            StoreError::Closed => ApiError::NotReady,
-            other => ApiError::Internal(other.into()),
-        }
+        DomainError::from(e).into()
     }
 }
 

@@ -9,6 +9,8 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 use crate::app::AppState;
+use crate::auth::Identity;
+use crate::ids::{ChatId, UserId};
 
 /// A JSON request body. Malformed JSON or a wrong shape is 400
 /// `invalid_request`; a body over `server.max_body_bytes` is 413. The
@@ -34,16 +36,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
 
 /// Parses a positive 64-bit id (`1` ..= `9223372036854775807`).
 pub fn parse_id(name: &str, raw: &str) -> Result<i64, ApiError> {
-    match raw.parse::<i64>() {
-        Ok(id) if id > 0 && raw.bytes().all(|b| b.is_ascii_digit()) => Ok(id),
-        _ => Err(ApiError::InvalidRequest(format!(
-            "{name} must be a positive integer no greater than 9223372036854775807, got {raw:?}"
-        ))),
-    }
+    crate::ids::parse_positive(name, raw).map_err(ApiError::InvalidRequest)
 }
 
 /// The `{chat_id}` path segment, validated.
-pub struct ChatIdPath(pub i64);
+pub struct ChatIdPath(pub ChatId);
 
 impl<S: Send + Sync> FromRequestParts<S> for ChatIdPath {
     type Rejection = ApiError;
@@ -52,7 +49,24 @@ impl<S: Send + Sync> FromRequestParts<S> for ChatIdPath {
         let Path(raw) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|e| ApiError::InvalidRequest(format!("invalid path: {e}")))?;
-        parse_id("chat_id", &raw).map(ChatIdPath)
+        parse_id("chat_id", &raw).map(|id| ChatIdPath(ChatId(id)))
+    }
+}
+
+/// The `{chat_id}` and `{user_id}` path segments, validated.
+pub struct ChatMemberPath(pub ChatId, pub UserId);
+
+impl<S: Send + Sync> FromRequestParts<S> for ChatMemberPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path((chat, user)) = Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::InvalidRequest(format!("invalid path: {e}")))?;
+        Ok(ChatMemberPath(
+            ChatId(parse_id("chat_id", &chat)?),
+            UserId(parse_id("user_id", &user)?),
+        ))
     }
 }
 
@@ -60,37 +74,30 @@ impl<S: Send + Sync> FromRequestParts<S> for ChatIdPath {
 /// header is 401 `missing_token`; anything wrong with the token is 401
 /// `invalid_token`. Never silently anonymous.
 #[derive(Debug, Clone)]
-pub struct AuthUser {
-    pub id: i64,
-    pub username: String,
+pub struct AuthUser(pub Identity);
+
+impl std::ops::Deref for AuthUser {
+    type Target = Identity;
+    fn deref(&self) -> &Identity {
+        &self.0
+    }
 }
 
-impl AuthUser {
-    /// Verifies a raw token.
-    pub fn from_token(state: &AppState, token: &str) -> Result<AuthUser, ApiError> {
-        let (id, username) = state.jwt.verify(token).map_err(|_| {
-            crate::telemetry::metrics::auth_failure("invalid_token");
-            ApiError::InvalidToken
-        })?;
-        Ok(AuthUser { id, username })
-    }
-
-    /// The bearer token of the `Authorization` header, if there is a header.
-    pub fn bearer(headers: &HeaderMap) -> Option<Result<&str, ApiError>> {
-        let value = headers.get(AUTHORIZATION)?;
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| {
-                let (scheme, token) = v.split_once(' ')?;
-                scheme
-                    .eq_ignore_ascii_case("bearer")
-                    .then_some(token.trim())
-            })
-            .filter(|t| !t.is_empty())
-            .ok_or(ApiError::InvalidToken);
-        Some(token)
-    }
+/// The bearer token of the `Authorization` header, if there is a header.
+pub fn bearer(headers: &HeaderMap) -> Option<Result<&str, ApiError>> {
+    let value = headers.get(AUTHORIZATION)?;
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then_some(token.trim())
+        })
+        .filter(|t| !t.is_empty())
+        .ok_or(ApiError::InvalidToken);
+    Some(token)
 }
 
 impl FromRequestParts<AppState> for AuthUser {
@@ -100,10 +107,10 @@ impl FromRequestParts<AppState> for AuthUser {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let token = AuthUser::bearer(&parts.headers).ok_or_else(|| {
+        let token = bearer(&parts.headers).ok_or_else(|| {
             crate::telemetry::metrics::auth_failure("missing_token");
             ApiError::MissingToken
         })??;
-        AuthUser::from_token(state, token)
+        Ok(AuthUser(state.accounts.authenticate(token)?))
     }
 }

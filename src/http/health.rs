@@ -59,21 +59,16 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness
     } else {
         "ok".to_string()
     };
-    let (database, migrations) = match tokio::time::timeout(READY_TIMEOUT, async {
-        state.store.check_file()?;
-        state.store.ping().await?;
-        state.store.migrations_applied().await
-    })
-    .await
-    {
-        Ok(Ok(true)) => ("ok".to_string(), "ok".to_string()),
-        Ok(Ok(false)) => ("ok".to_string(), "pending".to_string()),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "readiness: database check failed");
-            ("unavailable".to_string(), "unknown".to_string())
-        }
-        Err(_) => ("timeout".to_string(), "unknown".to_string()),
-    };
+    let (database, migrations) =
+        match tokio::time::timeout(READY_TIMEOUT, state.store.check()).await {
+            Ok(Ok(health)) if health.migrations_applied => ("ok".to_string(), "ok".to_string()),
+            Ok(Ok(_)) => ("ok".to_string(), "pending".to_string()),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "readiness: database check failed");
+                ("unavailable".to_string(), "unknown".to_string())
+            }
+            Err(_) => ("timeout".to_string(), "unknown".to_string()),
+        };
     let ok = database == "ok" && migrations == "ok" && lifecycle == "ok";
     let checks = Checks {
         database,

@@ -1,12 +1,15 @@
 //! The HTTP surface: router, handlers, errors, extractors.
 
-pub mod auth;
-pub mod chats;
+mod accounts;
+mod chats;
 pub mod error;
-pub mod extract;
-pub mod health;
-pub mod openapi;
+mod extract;
+mod health;
+mod openapi;
+pub mod schema;
 pub mod server;
+mod web;
+mod ws;
 
 use std::time::Duration;
 
@@ -14,7 +17,7 @@ use axum::error_handling::HandleErrorLayer;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue, Method};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post};
 use axum::{Router, middleware};
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
@@ -33,11 +36,18 @@ pub fn router(state: AppState) -> Router {
     let timeout = Duration::from_millis(settings.server.request_timeout_ms);
     // Request/response calls get a time limit; the WebSocket route does not.
     let api = Router::new()
-        .route("/login", post(auth::login))
-        .route("/register", post(auth::register))
-        .route("/chats", get(chats::list))
+        .route("/login", post(accounts::login))
+        .route("/register", post(accounts::register))
+        .route("/chats", get(chats::list).post(chats::create))
         .route("/chats/initiate", post(chats::initiate))
+        .route("/chats/{chat_id}", get(chats::get).patch(chats::rename))
         .route("/chats/{chat_id}/messages", get(chats::history))
+        .route("/chats/{chat_id}/members", post(chats::add_member))
+        .route(
+            "/chats/{chat_id}/members/{user_id}",
+            patch(chats::set_role).delete(chats::remove_member),
+        )
+        .route("/chats/{chat_id}/read", post(chats::read))
         .route("/openapi.json", get(openapi::spec))
         .layer(
             ServiceBuilder::new()
@@ -49,7 +59,10 @@ pub fn router(state: AppState) -> Router {
     let mut app = Router::new()
         .merge(api)
         .merge(ops_routes(settings.metrics.on_main_port))
-        .route("/ws", get(crate::ws::upgrade));
+        .route("/ws", get(ws::upgrade));
+    if settings.web.enabled {
+        app = app.merge(web::routes());
+    }
     app = app
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
@@ -95,7 +108,7 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
         return None;
     }
     let layer = CorsLayer::new()
-        .allow_methods([Method::GET, Method::POST])
+        .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
         .allow_headers([
             axum::http::header::AUTHORIZATION,
             axum::http::header::CONTENT_TYPE,

@@ -4,21 +4,23 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{auth, chats, error, health};
-use crate::store;
+use super::{accounts, chats, error, health, schema};
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "shindensen", description = "Messenger backend: HTTP API. The WebSocket protocol at GET /ws is described in the README."),
     paths(
-        auth::login, auth::register,
-        chats::initiate, chats::list, chats::history,
+        accounts::login, accounts::register,
+        chats::initiate, chats::list, chats::create, chats::get, chats::rename,
+        chats::history, chats::add_member, chats::set_role, chats::remove_member, chats::read,
         health::live, health::ready,
     ),
     components(schemas(
-        error::ErrorBody, auth::LoginRequest, auth::RegisterRequest, auth::LoginResponse,
-        chats::InitiateRequest, chats::InitiateResponse,
-        store::User, store::Message, store::ChatSummary, store::Timestamp,
+        error::ErrorBody, accounts::LoginRequest, accounts::RegisterRequest, schema::LoginResponse,
+        chats::InitiateRequest, chats::InitiateResponse, chats::CreateChatRequest,
+        chats::RenameRequest, chats::AddMemberRequest, chats::SetRoleRequest, chats::ReadRequest,
+        schema::UserBody, schema::MessageBody, schema::ChatBody, schema::MemberBody,
+        schema::ReadMarkerBody, crate::store::Timestamp,
         health::Health, health::Readiness, health::Checks,
     )),
     modifiers(&BearerAuth),

@@ -1,217 +1,237 @@
-//! Durable state in SQLite.
+//! The storage interface: everything the server keeps, behind one trait.
 //!
-//! * One write connection, owned by the writer thread ([`writer`]), through
-//!   which every write goes: message inserts are group-committed, so
-//!   `synchronous=FULL` costs one fsync per batch rather than per message.
-//! * A separate read-only pool for queries (history, chat list, look-ups).
+//! * [`Store`] is what the rest of the application calls; every call is
+//!   async and fails with the driver-neutral [`StoreError`].
+//! * Message writes are submitted in order and answered after COMMIT; the
+//!   store hands each committed message, with its audience, to a
+//!   [`CommitSink`] (the WebSocket hub) in id order, before the answer.
+//! * Message ids grow in commit order: every id above N is a resume point.
+//! * [`open`] picks the backend from the database URL: `sqlite` (one node;
+//!   only it knows file checks, pragmas, `VACUUM INTO`) or `postgres`
+//!   (one node or several on one database).
 //!
-//! The public surface is [`Store`] and the plain data types below; nothing
-//! here knows about HTTP or WebSocket. A later PostgreSQL backend would
-//! implement the same methods.
+//! Nothing here knows about HTTP or WebSocket.
 
-mod chats;
-mod messages;
-mod reader;
+mod error;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 mod time;
-mod users;
-mod writer;
+#[cfg(all(feature = "sqlite", feature = "postgres"))]
+pub mod transfer;
+mod types;
 
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use dashmap::DashMap;
-use sqlx::ConnectOptions;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+use async_trait::async_trait;
+use tokio::sync::oneshot;
+
+use crate::config::{Backend, ClusterSettings, DatabaseSettings};
+use crate::ids::{ChatId, MessageId, UserId};
+
+pub use error::{Entity, Source, StoreError};
+pub use time::Timestamp;
+pub use types::{
+    Audience, Chat, ChatDetail, ChatKind, CommitSink, GroupChange, Health, HistoryPage, KeptSecret,
+    Member, Message, MessageKind, MessagePage, MessageRef, NewGroup, NewMessage, NoopSink,
+    OnCommit, PeerLink, Peers, ReadMarker, ReplayedMessage, Role, SendOutcome, StoredMessage, User,
+    UserRecord,
 };
 
-use crate::config::{DatabaseSettings, Synchronous};
+/// The storage interface. A trait object (`Arc<dyn Store>`) rather than an
+/// enum of backends: each backend is a self-contained module that can be
+/// read (and tested) alone, and the compiler holds both to one contract.
+/// The boxed futures cost an allocation per call, next to a database
+/// round trip or a queue hop.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // ---- accounts ----
 
-pub use chats::ChatSummary;
-pub use messages::{HistoryPage, Message, PendingSend, ReplayedMessage};
-pub use time::Timestamp;
-pub use users::{User, UserRecord};
-pub use writer::{CommitSink, NewMessage, NoopSink, OnCommit, SendOutcome, StoredMessage};
+    /// Looks a user up by name, case-insensitively.
+    async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>, StoreError>;
 
-/// Embedded migrations (the same files `sqlx migrate run` applies).
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+    /// Creates an account; `Ok(None)` when the name is taken (in any case).
+    async fn create_user(
+        &self,
+        username: &str,
+        password_hash: Option<String>,
+    ) -> Result<Option<User>, StoreError>;
 
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    #[error("chat not found")]
-    ChatNotFound,
-    #[error("the store is shut down")]
-    Closed,
-    #[error("database error: {0}")]
-    Database(Arc<sqlx::Error>),
-    /// From the rusqlite connections (the writer and the history reader).
-    #[error("database error: {0}")]
-    Sqlite(Arc<rusqlite::Error>),
-    #[error("migration error: {0}")]
-    Migrate(Arc<sqlx::migrate::MigrateError>),
-    #[error("{0}")]
-    Io(Arc<std::io::Error>),
-}
+    // ---- chats ----
 
-impl From<sqlx::Error> for StoreError {
-    fn from(e: sqlx::Error) -> Self {
-        StoreError::Database(Arc::new(e))
+    /// Returns the direct chat of `a` and `b`, creating it if needed; the
+    /// flag says whether it was created now. Concurrent calls by either
+    /// side converge on one chat.
+    async fn initiate_direct_chat(
+        &self,
+        a: UserId,
+        b: UserId,
+    ) -> Result<(ChatId, bool), StoreError>;
+
+    /// Creates a group with its `chat_created` event; the creator is its
+    /// admin, the others members.
+    async fn create_group(&self, group: NewGroup) -> Result<ChatId, StoreError>;
+
+    /// Applies a member's change to a group, checked against the rules
+    /// (`domain::membership`) in the same transaction; each effect is a
+    /// timeline event, committed and fanned out like a message. Refusals
+    /// are [`StoreError::Refused`].
+    async fn change_group(
+        &self,
+        chat: ChatId,
+        actor: UserId,
+        change: GroupChange,
+        max_members: usize,
+    ) -> Result<(), StoreError>;
+
+    /// Moves `user`'s read marker in `chat` forward to `up_to` (a lower
+    /// value changes nothing).
+    async fn mark_read(
+        &self,
+        chat: ChatId,
+        user: UserId,
+        up_to: MessageId,
+    ) -> Result<ReadMarker, StoreError>;
+
+    /// The current members of a chat, or `None` if there is no such chat.
+    async fn members(&self, chat: ChatId) -> Result<Option<Audience>, StoreError>;
+
+    /// True when `user` is a member of `chat` (false also when there is no such chat).
+    async fn is_member(&self, chat: ChatId, user: UserId) -> Result<bool, StoreError> {
+        Ok(self.members(chat).await?.is_some_and(|m| m.contains(&user)))
+    }
+
+    /// The chat with its members as `viewer` sees it; `None` when `viewer`
+    /// is not a member (or there is no such chat).
+    async fn chat(&self, chat: ChatId, viewer: UserId) -> Result<Option<ChatDetail>, StoreError>;
+
+    /// The user's chats, most recent activity (last message, else creation) first.
+    async fn chats_of(&self, user: UserId) -> Result<Vec<Chat>, StoreError>;
+
+    // ---- messages ----
+
+    /// Queues a message and returns once it is queued; `on_commit` gets
+    /// the outcome after COMMIT (see [`OnCommit`]). Messages submitted one
+    /// after another are committed, fanned out and answered in that order,
+    /// so a connection can pipeline sends. A repeated `(sender,
+    /// client_msg_id)` is answered with the original. On an error here
+    /// `on_commit` is dropped uncalled.
+    async fn submit(&self, msg: NewMessage, on_commit: OnCommit) -> Result<(), StoreError>;
+
+    /// A page of a chat's history, ascending by id.
+    async fn history(&self, chat: ChatId, page: HistoryPage) -> Result<MessagePage, StoreError>;
+
+    /// What resume replays: messages with an id greater than `since` from
+    /// the chats the user is a member of now, and the `member_removed`
+    /// events of the chats the user was removed from (and is not back in),
+    /// ascending, at most `limit`.
+    async fn messages_since(
+        &self,
+        user: UserId,
+        since: MessageId,
+        limit: u32,
+    ) -> Result<Vec<ReplayedMessage>, StoreError>;
+
+    // ---- operations ----
+
+    /// One round trip to the database, and whether migrations are applied.
+    async fn check(&self) -> Result<Health, StoreError>;
+
+    /// The signing secret this store keeps for the server, created on
+    /// first use; `None` when this backend keeps none (the secret must
+    /// then come from the configuration).
+    async fn kept_signing_secret(&self) -> Result<Option<KeptSecret>, StoreError>;
+
+    /// Where the data lives, for logs (no credentials).
+    fn describe(&self) -> String;
+
+    /// Lets every write already queued commit and answer, then stops the
+    /// writer and closes the connections. Later calls fail with
+    /// [`StoreError::Unavailable`].
+    async fn close(&self);
+
+    /// Stores a message and waits for the outcome ([`Store::submit`]).
+    async fn send_message(&self, msg: NewMessage) -> Result<SendOutcome, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(
+            msg,
+            Box::new(move |outcome| {
+                let _ = tx.send(outcome);
+            }),
+        )
+        .await?;
+        rx.await.unwrap_or_else(|_| Err(StoreError::closed()))
     }
 }
 
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        StoreError::Sqlite(Arc::new(e))
-    }
+/// Opens the store named by `settings.url` (creating and migrating it as
+/// needed). Committed messages are handed to `sink`, in id order.
+pub async fn open(
+    settings: &DatabaseSettings,
+    cluster: &ClusterSettings,
+    sink: Arc<dyn CommitSink>,
+) -> Result<Arc<dyn Store>, StoreError> {
+    open_with_peers(settings, cluster, sink, None).await
 }
 
-impl From<sqlx::migrate::MigrateError> for StoreError {
-    fn from(e: sqlx::migrate::MigrateError) -> Self {
-        StoreError::Migrate(Arc::new(e))
-    }
-}
-
-impl From<std::io::Error> for StoreError {
-    fn from(e: std::io::Error) -> Self {
-        StoreError::Io(Arc::new(e))
-    }
-}
-
-/// Handle to the database; cheap to clone.
-#[derive(Clone)]
-pub struct Store {
-    read: SqlitePool,
-    writer: writer::WriterHandle,
-    path: Arc<PathBuf>,
-    /// Members of each chat. Chats never change members, so entries never go stale.
-    members: Arc<DashMap<i64, [i64; 2]>>,
-    /// Device and inode of the database file when it was opened.
-    identity: Option<(u64, u64)>,
-    /// Synchronous read connections for history pages.
-    reader: Arc<reader::SyncReader>,
-}
-
-impl Store {
-    /// Opens (creating if missing) the database, applies pending migrations
-    /// and starts the writer task. Committed messages are handed to `sink`
-    /// in id order, after COMMIT.
-    pub async fn open(
-        settings: &DatabaseSettings,
-        sink: Arc<dyn CommitSink>,
-    ) -> Result<Store, StoreError> {
-        let base = connect_options(&settings.url)?
-            .busy_timeout(Duration::from_millis(settings.busy_timeout_ms))
-            .foreign_keys(true);
-        let path = base.get_filename().to_path_buf();
-
-        let mut write_conn = base
-            .clone()
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(match settings.synchronous {
-                Synchronous::Off => SqliteSynchronous::Off,
-                Synchronous::Normal => SqliteSynchronous::Normal,
-                Synchronous::Full => SqliteSynchronous::Full,
-                Synchronous::Extra => SqliteSynchronous::Extra,
-            })
-            .connect()
-            .await?;
-        MIGRATOR.run(&mut write_conn).await?;
-        // The writer thread opens its own connection (see `writer.rs`).
-        sqlx::Connection::close(write_conn).await?;
-
-        let read = SqlitePoolOptions::new()
-            .max_connections(settings.read_pool_size)
-            .min_connections(settings.read_pool_size)
-            // A local file does not go away between queries; a ping before
-            // every acquire doubled the cost of a history page.
-            .test_before_acquire(false)
-            .connect_with(base.read_only(true))
-            .await?;
-
-        let writer = writer::spawn(&path, settings, sink)?;
-        let identity = file_identity(&path);
-        let reader = Arc::new(reader::SyncReader::new(
-            path.clone(),
-            Duration::from_millis(settings.busy_timeout_ms),
-        ));
-        Ok(Store {
-            reader,
-            read,
-            writer,
-            path: Arc::new(path),
-            members: Arc::new(DashMap::new()),
-            identity,
-        })
-    }
-
-    /// Path of the database file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Fails when the database file is gone or was replaced since it was
-    /// opened (a volume unmounted, the file deleted or moved): the open
-    /// connections would keep working on a file nobody will see again.
-    pub fn check_file(&self) -> Result<(), StoreError> {
-        if self.identity.is_some() && file_identity(&self.path) != self.identity {
-            return Err(StoreError::Io(Arc::new(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "the database file is missing or was replaced",
-            ))));
+/// [`open`], on a node that hears of other nodes' commits through `peers`
+/// (PostgreSQL only).
+pub async fn open_with_peers(
+    settings: &DatabaseSettings,
+    cluster: &ClusterSettings,
+    sink: Arc<dyn CommitSink>,
+    peers: Option<Peers>,
+) -> Result<Arc<dyn Store>, StoreError> {
+    let _ = (cluster, &peers);
+    match settings.backend() {
+        #[cfg(feature = "sqlite")]
+        Backend::Sqlite if peers.is_none() => {
+            Ok(Arc::new(sqlite::SqliteStore::open(settings, sink).await?))
         }
-        Ok(())
-    }
-
-    /// One round trip to the database through the read pool.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query_scalar!("SELECT 1 AS one")
-            .fetch_one(&self.read)
-            .await?;
-        Ok(())
-    }
-
-    /// True when every embedded migration has been applied.
-    pub async fn migrations_applied(&self) -> Result<bool, StoreError> {
-        let applied: Vec<i64> =
-            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success = 1")
-                .fetch_all(&self.read)
-                .await?;
-        Ok(MIGRATOR
-            .iter()
-            .all(|m| m.migration_type.is_up_migration() && applied.contains(&m.version)))
-    }
-
-    /// Lets every write already queued commit and reply, then stops the
-    /// writer and closes the connections. Later writes fail with `Closed`.
-    pub async fn close(&self) {
-        self.writer.shutdown().await;
-        self.reader.close();
-        self.read.close().await;
+        #[cfg(feature = "sqlite")]
+        Backend::Sqlite => Err(StoreError::internal(
+            "a SQLite database serves one node: cluster.nats_url needs PostgreSQL",
+        )),
+        #[cfg(feature = "postgres")]
+        Backend::Postgres => Ok(Arc::new(
+            postgres::PgStore::open(settings, cluster, sink, peers).await?,
+        )),
+        #[allow(unreachable_patterns)]
+        other => Err(StoreError::internal(format!(
+            "this build has no {other:?} backend"
+        ))),
     }
 }
 
-/// Accepts `sqlite:PATH`, `sqlite://PATH` (with `?` options) or a plain path.
-fn connect_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
-    let opts = if url.starts_with("sqlite:") {
-        SqliteConnectOptions::from_str(url)?
-    } else {
-        SqliteConnectOptions::new().filename(url)
-    };
-    Ok(opts)
+/// What [`backup`] copied.
+#[derive(Debug, Clone)]
+pub struct BackupReport {
+    pub bytes: u64,
+    pub users: i64,
+    pub chats: i64,
+    pub messages: i64,
 }
 
-#[cfg(unix)]
-fn file_identity(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
+/// Why `shindensen backup` does not copy a PostgreSQL database.
+pub const POSTGRES_BACKUP_ADVICE: &str = "shindensen backup copies SQLite databases. \
+For PostgreSQL use its own tools, which copy a consistent snapshot while nodes keep writing: \
+`pg_dump --format=custom --file=shindensen.dump \"$DATABASE_URL\"` (restore with pg_restore into an \
+empty database), or your platform's backups and point-in-time recovery";
 
-#[cfg(not(unix))]
-fn file_identity(_path: &Path) -> Option<(u64, u64)> {
-    None
+/// Writes a consistent online copy of the database at `settings.url` to
+/// `target` and checks it. `target` must not exist. SQLite only.
+#[cfg_attr(not(feature = "sqlite"), allow(unused_variables))]
+pub async fn backup(
+    settings: &DatabaseSettings,
+    target: &Path,
+) -> Result<BackupReport, StoreError> {
+    match settings.backend() {
+        #[cfg(feature = "sqlite")]
+        Backend::Sqlite => sqlite::backup(&settings.url, target).await,
+        _ => Err(StoreError::internal(POSTGRES_BACKUP_ADVICE)),
+    }
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -220,70 +240,4 @@ pub(crate) fn now_millis() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-/// What [`backup`] copied.
-#[derive(Debug, Clone, Copy)]
-pub struct BackupReport {
-    pub bytes: u64,
-    pub users: i64,
-    pub chats: i64,
-    pub messages: i64,
-}
-
-/// Writes a consistent online copy of the database at `url` to `target`
-/// with `VACUUM INTO` (a snapshot: writers keep going meanwhile), then
-/// checks the copy with `PRAGMA integrity_check`. `target` must not exist.
-pub async fn backup(url: &str, target: &Path) -> Result<BackupReport, StoreError> {
-    if target.exists() {
-        return Err(StoreError::Io(Arc::new(std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            format!("{} already exists; choose a new file", target.display()),
-        ))));
-    }
-    let target_str = target.to_str().ok_or_else(|| {
-        StoreError::Io(Arc::new(std::io::Error::other("backup path is not UTF-8")))
-    })?;
-    let mut source = connect_options(url)?
-        .read_only(true)
-        .busy_timeout(Duration::from_secs(30))
-        .connect()
-        .await?;
-    sqlx::query("VACUUM INTO ?")
-        .bind(target_str)
-        .execute(&mut source)
-        .await?;
-    let _ = sqlx::Connection::close(source).await;
-
-    let mut copy = SqliteConnectOptions::new()
-        .filename(target)
-        .read_only(true)
-        .connect()
-        .await?;
-    let check: String = sqlx::query_scalar("PRAGMA integrity_check")
-        .fetch_one(&mut copy)
-        .await?;
-    if check != "ok" {
-        return Err(StoreError::Io(Arc::new(std::io::Error::other(format!(
-            "integrity_check of the copy failed: {check}"
-        )))));
-    }
-    let count = |table: &'static str| format!("SELECT count(*) FROM {table}");
-    let mut report = BackupReport {
-        bytes: std::fs::metadata(target)?.len(),
-        users: 0,
-        chats: 0,
-        messages: 0,
-    };
-    for (table, slot) in [
-        ("users", &mut report.users),
-        ("chats", &mut report.chats),
-        ("messages", &mut report.messages),
-    ] {
-        *slot = sqlx::query_scalar(sqlx::AssertSqlSafe(count(table)))
-            .fetch_one(&mut copy)
-            .await?;
-    }
-    let _ = sqlx::Connection::close(copy).await;
-    Ok(report)
 }

@@ -5,8 +5,7 @@ use serde::{Serialize, Serializer};
 use time::OffsetDateTime;
 use time::macros::format_description;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, sqlx::Type)]
-#[sqlx(transparent)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp(pub i64);
 
 /// Milliseconds of 9999-12-31T23:59:59.999Z, the last instant with a
@@ -88,20 +87,6 @@ impl Serialize for Timestamp {
         }
     }
 }
-
-impl utoipa::PartialSchema for Timestamp {
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        utoipa::openapi::ObjectBuilder::new()
-            .schema_type(utoipa::openapi::schema::Type::String)
-            .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
-                utoipa::openapi::KnownFormat::DateTime,
-            )))
-            .examples(["2026-11-24T01:52:46.123Z"])
-            .into()
-    }
-}
-
-impl utoipa::ToSchema for Timestamp {}
 
 #[cfg(test)]
 mod tests {

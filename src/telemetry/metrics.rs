@@ -24,6 +24,23 @@ pub const DELIVERY_SECONDS: &str = "shindensen_message_delivery_seconds";
 pub const DB_BATCH_SIZE: &str = "shindensen_db_write_batch_size";
 pub const DB_COMMIT_SECONDS: &str = "shindensen_db_commit_duration_seconds";
 pub const AUTH_FAILURES: &str = "shindensen_auth_failures_total";
+pub const FANOUT_CONNECTIONS: &str = "shindensen_message_fanout_connections";
+pub const MESSAGE_ENCODINGS: &str = "shindensen_message_encodings_total";
+pub const SEQUENCER_POSITION: &str = "shindensen_stream_released_position";
+pub const SEQUENCER_READ_BACK: &str = "shindensen_stream_read_back_total";
+pub const SEQUENCER_READ_ERRORS: &str = "shindensen_stream_read_errors_total";
+pub const DB_POOL_CONNECTIONS: &str = "shindensen_db_pool_connections";
+pub const SEQUENCER_FROM_PEERS: &str = "shindensen_stream_from_peers_total";
+pub const SEQUENCER_GAP_READS: &str = "shindensen_stream_gap_reads_total";
+pub const NATS_CONNECTED: &str = "shindensen_cluster_nats_connected";
+pub const NATS_PUBLISHED: &str = "shindensen_cluster_published_total";
+pub const NATS_DROPPED: &str = "shindensen_cluster_publish_dropped_total";
+pub const NATS_RECEIVED: &str = "shindensen_cluster_received_total";
+pub const NATS_DECODE_ERRORS: &str = "shindensen_cluster_decode_errors_total";
+pub const CHAT_EVENTS: &str = "shindensen_chat_events_total";
+pub const EPHEMERAL_FRAMES: &str = "shindensen_ws_ephemeral_frames_total";
+pub const TYPING_THROTTLED: &str = "shindensen_ws_typing_throttled_total";
+pub const READ_MARKERS: &str = "shindensen_read_markers_moved_total";
 pub const BUILD_INFO: &str = "shindensen_build_info";
 
 /// OpenTelemetry semantic-convention buckets for HTTP server durations.
@@ -36,6 +53,9 @@ const FAST_BUCKETS: &[f64] = &[
 ];
 const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+const FANOUT_BUCKETS: &[f64] = &[
+    0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
 ];
 
 struct Registry {
@@ -60,6 +80,12 @@ pub fn install() -> &'static PrometheusHandle {
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full(DB_BATCH_SIZE.into()), BATCH_BUCKETS)
                 })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(FANOUT_CONNECTIONS.into()),
+                        FANOUT_BUCKETS,
+                    )
+                })
                 .expect("static bucket lists are valid")
                 .build_recorder();
             let handle = recorder.handle();
@@ -75,6 +101,9 @@ pub fn install() -> &'static PrometheusHandle {
                 MESSAGES_ACCEPTED,
                 MESSAGES_DUPLICATE,
                 MESSAGES_DELIVERED,
+                TYPING_THROTTLED,
+                READ_MARKERS,
+                MESSAGE_ENCODINGS,
             ] {
                 counter!(name).absolute(0);
             }
@@ -129,6 +158,68 @@ fn describe() {
         "Duration of one group-commit transaction."
     );
     describe_counter!(AUTH_FAILURES, "Authentication failures, by reason.");
+    describe_histogram!(
+        FANOUT_CONNECTIONS,
+        "Connections on this node one message was queued to."
+    );
+    describe_counter!(CHAT_EVENTS, "Timeline events committed, by kind.");
+    describe_gauge!(
+        SEQUENCER_POSITION,
+        "PostgreSQL: the next stream position this node releases (every id below it is delivered)."
+    );
+    describe_counter!(
+        SEQUENCER_READ_BACK,
+        "PostgreSQL: messages this node read back from the database to deliver (other nodes' commits)."
+    );
+    describe_counter!(
+        SEQUENCER_READ_ERRORS,
+        "PostgreSQL: failed reads of committed messages (retried)."
+    );
+    describe_counter!(
+        SEQUENCER_FROM_PEERS,
+        "Cluster: messages this node delivered as other nodes announced them over NATS."
+    );
+    describe_counter!(
+        SEQUENCER_GAP_READS,
+        "Cluster: reads of positions missing from what NATS brought (lost or late announcements)."
+    );
+    describe_gauge!(
+        NATS_CONNECTED,
+        "Cluster: 1 while this node is connected to NATS, 0 while it falls back to polling the database."
+    );
+    describe_counter!(
+        NATS_PUBLISHED,
+        "Cluster: announcements published to NATS, by kind (commits, ephemeral)."
+    );
+    describe_counter!(
+        NATS_DROPPED,
+        "Cluster: announcements not published (NATS down or the queue full); other nodes read the database instead."
+    );
+    describe_counter!(
+        NATS_RECEIVED,
+        "Cluster: announcements received from other nodes, by kind."
+    );
+    describe_counter!(
+        NATS_DECODE_ERRORS,
+        "Cluster: announcements that could not be decoded (ignored)."
+    );
+    describe_gauge!(
+        DB_POOL_CONNECTIONS,
+        "PostgreSQL: connections of each pool, by pool and state (idle, in_use)."
+    );
+    describe_counter!(
+        MESSAGE_ENCODINGS,
+        "Message frames encoded for fan-out (once per message, once more for the sender's own copy when it has a client_msg_id)."
+    );
+    describe_counter!(
+        EPHEMERAL_FRAMES,
+        "Typing and read frames queued to connections, by type."
+    );
+    describe_counter!(
+        TYPING_THROTTLED,
+        "Typing frames dropped by the per-user, per-chat interval."
+    );
+    describe_counter!(READ_MARKERS, "Read markers moved forward.");
     describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
 }
 

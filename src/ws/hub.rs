@@ -1,17 +1,20 @@
-//! The hub: which connections each user has open, and fan-out.
+//! The hub: which connections each user has open on this node, and fan-out.
 //!
-//! The writer calls [`Hub::committed`] right after each COMMIT, in id
-//! order, on its own thread (message by message, each followed by its
-//! ack); so every connection's queue receives a chat's messages in id
-//! order, the order history returns. Each message is encoded
-//! once per audience (plain for everyone, plus one carrying `client_msg_id`
-//! for the sender's own connections) and the same bytes are queued to each
-//! connection. Queues are bounded: a connection whose queue is full is told
-//! to close with 4008 (it resumes with `?since=`); nobody else waits for it.
+//! * The store calls [`CommitSink::committed`] right after each COMMIT, in
+//!   id order, with the message's audience; so every connection's queue
+//!   receives its messages in id order, the order history returns.
+//! * Each message is encoded once (plus once more with `client_msg_id`
+//!   for the sender's own connections) and the same bytes are queued to
+//!   every connection of the audience.
+//! * Queues are bounded: a connection whose queue is full is told to close
+//!   with 4008 (it resumes with `?since=`); nobody else waits for it.
+//!
+//! The hub knows nothing of the database: what it delivers arrives with
+//! its audience.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
@@ -19,7 +22,10 @@ use metrics::{counter, gauge, histogram};
 use tokio::sync::mpsc;
 
 use super::connection::{CloseReason, ConnControl};
-use super::protocol::message_frame;
+use super::protocol::{self, message_frame};
+use crate::domain::Notify;
+use crate::domain::chats::{ReadNotice, TypingNotice};
+use crate::ids::{MessageId, UserId};
 use crate::store::{CommitSink, StoredMessage};
 use crate::telemetry::metrics as m;
 
@@ -27,9 +33,18 @@ use crate::telemetry::metrics as m;
 #[derive(Debug, Clone)]
 pub enum Outbound {
     /// A chat message; the id lets a resuming connection skip what it replayed.
-    Message { id: i64, text: Utf8Bytes },
+    Message { id: MessageId, text: Utf8Bytes },
     /// Anything else (ack, error).
     Control(Utf8Bytes),
+}
+
+impl Outbound {
+    /// The frame's text, whatever it is.
+    pub fn into_text(self) -> Utf8Bytes {
+        match self {
+            Outbound::Message { text, .. } | Outbound::Control(text) => text,
+        }
+    }
 }
 
 /// The hub's handle on one connection.
@@ -55,7 +70,7 @@ impl ConnHandle {
 
 #[derive(Default)]
 pub struct Hub {
-    users: DashMap<i64, Vec<Arc<ConnHandle>>>,
+    users: DashMap<UserId, Vec<Arc<ConnHandle>>>,
     next_id: AtomicU64,
     connections: AtomicU64,
 }
@@ -69,7 +84,7 @@ impl Hub {
     /// message committed in the user's chats.
     pub fn register(
         &self,
-        user_id: i64,
+        user_id: UserId,
         tx: mpsc::Sender<Outbound>,
         control: Arc<ConnControl>,
     ) -> Arc<ConnHandle> {
@@ -86,7 +101,7 @@ impl Hub {
     }
 
     /// Removes a connection; the user's entry goes when its last connection does.
-    pub fn unregister(&self, user_id: i64, conn_id: u64) {
+    pub fn unregister(&self, user_id: UserId, conn_id: u64) {
         let mut removed = false;
         if let Some(mut conns) = self.users.get_mut(&user_id) {
             let before = conns.len();
@@ -119,6 +134,26 @@ impl Hub {
         }
     }
 
+    /// Queues `frame` to every connection of `audience` that `keep`
+    /// accepts; returns how many it was queued to.
+    fn deliver_control(
+        &self,
+        audience: &[UserId],
+        frame: &Utf8Bytes,
+        keep: impl Fn(UserId, &ConnHandle) -> bool,
+    ) -> u64 {
+        let mut delivered = 0;
+        for &user in audience {
+            let Some(conns) = self.users.get(&user) else {
+                continue;
+            };
+            for c in conns.iter().filter(|c| keep(user, c)) {
+                delivered += u64::from(c.push(Outbound::Control(frame.clone())));
+            }
+        }
+        delivered
+    }
+
     /// Queues the message to every connection of its audience; returns
     /// how many connections it was queued to.
     fn deliver(&self, msg: &StoredMessage) -> u64 {
@@ -127,8 +162,9 @@ impl Hub {
             Some(key) => message_frame(&msg.message, Some(key)),
             None => plain.clone(),
         };
+        counter!(m::MESSAGE_ENCODINGS).increment(1 + u64::from(msg.client_msg_id.is_some()));
         let mut delivered = 0;
-        for user in msg.members {
+        for &user in msg.audience.iter() {
             let Some(conns) = self.users.get(&user) else {
                 continue;
             };
@@ -149,23 +185,28 @@ impl Hub {
     }
 }
 
+impl Notify for Hub {
+    fn read(&self, notice: &ReadNotice, audience: &[UserId]) {
+        let frame = protocol::read_frame(notice);
+        let n = self.deliver_control(audience, &frame, |_, c| Some(c.id) != notice.except);
+        counter!(m::EPHEMERAL_FRAMES, "type" => "read").increment(n);
+    }
+
+    fn typing(&self, notice: &TypingNotice, audience: &[UserId]) {
+        let frame = protocol::typing_frame(notice);
+        let n = self.deliver_control(audience, &frame, |user, _| user != notice.user);
+        counter!(m::EPHEMERAL_FRAMES, "type" => "typing").increment(n);
+    }
+}
+
 impl CommitSink for Hub {
-    fn committed(&self, batch: &[Arc<StoredMessage>], committed_at: Instant) {
-        let mut delivered = 0;
-        for msg in batch {
-            delivered += self.deliver(msg);
-        }
-        counter!(m::MESSAGES_ACCEPTED).increment(batch.len() as u64);
+    fn committed(&self, message: &Arc<StoredMessage>, committed_at: Instant) {
+        let delivered = self.deliver(message);
         counter!(m::MESSAGES_DELIVERED).increment(delivered);
-        // One observation per call (the writer calls once per message): the
-        // time from COMMIT until its last enqueue.
+        histogram!(m::FANOUT_CONNECTIONS).record(delivered as f64);
+        // The time from COMMIT until the last enqueue of this message.
         if delivered > 0 {
             histogram!(m::DELIVERY_SECONDS).record(committed_at.elapsed().as_secs_f64());
         }
-    }
-
-    fn batch_committed(&self, size: usize, commit: Duration) {
-        histogram!(m::DB_BATCH_SIZE).record(size as f64);
-        histogram!(m::DB_COMMIT_SECONDS).record(commit.as_secs_f64());
     }
 }

@@ -1,66 +1,19 @@
-//! `GET /ws`: the real-time protocol (see the README's WebSocket section).
+//! The real-time protocol behind `GET /ws` (README "WebSocket").
+//!
+//! * [`connection`]: one connection's loop: a reader half (frames in) and
+//!   a writer half (frames out, pings, the close frame).
+//! * [`send`](mod@send): a connection's sends, from frame to ack.
+//! * [`resume`]: `?since=` replay and its merge with live traffic.
+//! * [`hub`]: fan-out of committed messages to this node's connections.
+//! * [`protocol`]: the frames.
+//!
+//! The HTTP upgrade itself (authentication, buffer sizes) is `http::ws`.
 
 pub mod connection;
 pub mod hub;
 pub mod protocol;
+mod resume;
+mod send;
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Query, State};
-use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-
-use crate::app::AppState;
-use crate::http::error::ApiError;
-use crate::http::extract::AuthUser;
-
+pub use connection::{CloseReason, ConnControl, serve};
 pub use hub::Hub;
-
-#[derive(Debug, Deserialize)]
-pub struct WsParams {
-    /// For browsers, which cannot set `Authorization` on an upgrade.
-    access_token: Option<String>,
-    /// Resume: replay every message with a greater id first.
-    since: Option<String>,
-}
-
-/// Authenticates (before upgrading: no or bad token is 401 with no upgrade),
-/// then hands the socket to [`connection::serve`].
-pub async fn upgrade(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    params: Result<Query<WsParams>, QueryRejection>,
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
-) -> Result<Response, ApiError> {
-    let Query(params) =
-        params.map_err(|e| ApiError::InvalidRequest(format!("invalid query: {e}")))?;
-    let token = match AuthUser::bearer(&headers) {
-        Some(t) => t?,
-        None => params
-            .access_token
-            .as_deref()
-            .filter(|t| !t.is_empty())
-            .ok_or(ApiError::MissingToken)?,
-    };
-    let user = AuthUser::from_token(&state, token)?;
-    let since = match params.since.as_deref() {
-        None => None,
-        Some("0") => Some(0),
-        Some(raw) => Some(crate::http::extract::parse_id("since", raw)?),
-    };
-    let ws = ws.map_err(|e| {
-        ApiError::InvalidRequest(format!("this endpoint needs a WebSocket upgrade: {e}"))
-    })?;
-    let limits = &state.settings.ws;
-    Ok(ws
-        // Small buffers: tungstenite's defaults cost over 100 KiB per idle
-        // connection. Frames larger than the read buffer still work.
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(8 * 1024)
-        .max_write_buffer_size(1024 * 1024)
-        .max_message_size(limits.max_frame_bytes)
-        .max_frame_size(limits.max_frame_bytes)
-        .on_upgrade(move |socket| connection::serve(socket, state, user, since))
-        .into_response())
-}

@@ -1,16 +1,22 @@
-//! WebSocket frames (JSON text frames) and their validation.
+//! WebSocket frames: JSON text frames in both directions, parsed and
+//! validated on the way in (a refusal becomes an `error` frame with a
+//! stable code), encoded once on the way out.
 
 use axum::extract::ws::Utf8Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::domain::chats::{ReadNotice, TypingNotice};
+use crate::domain::validate;
+use crate::ids::{ChatId, MessageId, UserId};
 use crate::store::{Message, Timestamp};
 
 /// Longest accepted `client_msg_id`, in bytes.
 pub const MAX_CLIENT_MSG_ID: usize = 128;
 
-/// What a client sends: `{"type": "send", "chat_id", "content", "client_msg_id"}`,
-/// `type` optional. Fields are read loosely so a wrong type gets a precise
-/// error frame instead of a generic parse failure.
+/// What a client sends: `{"type": "send", "chat_id", "content",
+/// "client_msg_id"}` (`type` optional), `{"type": "typing", "chat_id"}` or
+/// `{"type": "read", "chat_id", "up_to"}`. Fields are read loosely so a
+/// wrong type gets a precise error frame instead of a generic parse failure.
 #[derive(Debug, Deserialize)]
 struct RawClientFrame {
     #[serde(rename = "type")]
@@ -18,12 +24,21 @@ struct RawClientFrame {
     chat_id: Option<serde_json::Value>,
     content: Option<serde_json::Value>,
     client_msg_id: Option<serde_json::Value>,
+    up_to: Option<serde_json::Value>,
+}
+
+/// A validated client frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientFrame {
+    Send(SendFrame),
+    Typing { chat_id: ChatId },
+    Read { chat_id: ChatId, up_to: MessageId },
 }
 
 /// A validated send request.
 #[derive(Debug, PartialEq, Eq)]
 pub struct SendFrame {
-    pub chat_id: i64,
+    pub chat_id: ChatId,
     pub content: String,
     pub client_msg_id: Option<String>,
 }
@@ -51,14 +66,63 @@ impl FrameError {
 }
 
 /// Parses and validates a text frame.
-pub fn parse_send(text: &str, max_content_chars: usize) -> Result<SendFrame, FrameError> {
+pub fn parse_client(text: &str, max_content_chars: usize) -> Result<ClientFrame, FrameError> {
     let raw: RawClientFrame = serde_json::from_str(text)
         .map_err(|e| FrameError::new("invalid_json", format!("invalid JSON frame: {e}"), None))?;
+    match raw.kind.as_ref() {
+        None | Some(serde_json::Value::Null) => {
+            parse_send(raw, max_content_chars).map(ClientFrame::Send)
+        }
+        Some(serde_json::Value::String(k)) => match k.as_str() {
+            "send" => parse_send(raw, max_content_chars).map(ClientFrame::Send),
+            "typing" => Ok(ClientFrame::Typing {
+                chat_id: chat_id(&raw, None)?,
+            }),
+            "read" => {
+                let chat_id = chat_id(&raw, None)?;
+                let up_to = match raw.up_to.as_ref().and_then(serde_json::Value::as_i64) {
+                    Some(id) if id >= 0 => MessageId(id),
+                    _ => {
+                        return Err(FrameError::new(
+                            "invalid_json",
+                            "up_to must be a message id (a non-negative integer)",
+                            None,
+                        ));
+                    }
+                };
+                Ok(ClientFrame::Read { chat_id, up_to })
+            }
+            _ => Err(unknown_type()),
+        },
+        Some(_) => Err(unknown_type()),
+    }
+}
+
+fn unknown_type() -> FrameError {
+    FrameError::new(
+        "invalid_json",
+        "unknown frame type; client frames are \"send\", \"typing\" and \"read\"",
+        None,
+    )
+}
+
+fn chat_id(raw: &RawClientFrame, key: Option<&String>) -> Result<ChatId, FrameError> {
+    match raw.chat_id.as_ref().and_then(serde_json::Value::as_i64) {
+        Some(id) if id > 0 => Ok(ChatId(id)),
+        _ => Err(FrameError::new(
+            "invalid_json",
+            "chat_id must be a positive integer",
+            key.cloned(),
+        )),
+    }
+}
+
+fn parse_send(raw: RawClientFrame, max_content_chars: usize) -> Result<SendFrame, FrameError> {
     // Read the key first so every later error can echo it.
     let client_msg_id = match raw.client_msg_id {
         None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::String(s)) if !s.is_empty() && s.len() <= MAX_CLIENT_MSG_ID => {
-            Some(s)
+        Some(serde_json::Value::String(ref s)) if !s.is_empty() && s.len() <= MAX_CLIENT_MSG_ID => {
+            Some(s.clone())
         }
         Some(_) => {
             return Err(FrameError::new(
@@ -68,26 +132,13 @@ pub fn parse_send(text: &str, max_content_chars: usize) -> Result<SendFrame, Fra
             ));
         }
     };
+    let chat_id = chat_id(&raw, client_msg_id.as_ref())?;
     let fail = |code, msg: &str| Err(FrameError::new(code, msg, client_msg_id.clone()));
-    match &raw.kind {
-        None | Some(serde_json::Value::Null) => {}
-        Some(serde_json::Value::String(k)) if k == "send" => {}
-        Some(_) => {
-            return fail(
-                "invalid_json",
-                "unknown frame type; the only client frame is \"send\"",
-            );
-        }
-    }
-    let chat_id = match raw.chat_id.as_ref().and_then(serde_json::Value::as_i64) {
-        Some(id) if id > 0 => id,
-        _ => return fail("invalid_json", "chat_id must be a positive integer"),
-    };
     let content = match raw.content {
         Some(serde_json::Value::String(s)) => s,
         _ => return fail("invalid_content", "content must be a string"),
     };
-    if let Err(why) = validate_content(&content, max_content_chars) {
+    if let Err(why) = validate::content(&content, max_content_chars) {
         return fail("invalid_content", &why);
     }
     Ok(SendFrame {
@@ -97,49 +148,46 @@ pub fn parse_send(text: &str, max_content_chars: usize) -> Result<SendFrame, Fra
     })
 }
 
-/// 1..=max characters, not only whitespace, no control characters but
-/// newline and tab.
-pub fn validate_content(content: &str, max_chars: usize) -> Result<(), String> {
-    if content.trim().is_empty() {
-        return Err("content must not be empty or only whitespace".into());
-    }
-    if content.chars().count() > max_chars {
-        return Err(format!("content must be at most {max_chars} characters"));
-    }
-    if content
-        .chars()
-        .any(|c| c.is_control() && c != '\n' && c != '\t')
-    {
-        return Err(
-            "content must not contain control characters other than newline and tab".into(),
-        );
-    }
-    Ok(())
-}
-
 #[derive(Serialize)]
 struct MessageFrame<'a> {
     #[serde(rename = "type")]
-    kind: &'static str,
-    id: i64,
-    chat_id: i64,
+    frame: &'static str,
+    id: MessageId,
+    chat_id: ChatId,
     sender: &'a str,
-    sender_id: i64,
+    sender_id: UserId,
+    kind: &'static str,
     content: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<RawJson<'a>>,
     timestamp: Timestamp,
     #[serde(skip_serializing_if = "Option::is_none")]
     client_msg_id: Option<&'a str>,
 }
 
+/// A stored JSON object written as it is (an event's details).
+#[derive(Clone, Copy)]
+pub struct RawJson<'a>(pub &'a str);
+
+impl Serialize for RawJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let raw: &serde_json::value::RawValue =
+            serde_json::from_str(self.0).map_err(serde::ser::Error::custom)?;
+        raw.serialize(s)
+    }
+}
+
 /// Encodes a `message` frame; `client_msg_id` only for the sender's own connections.
 pub fn message_frame(m: &Message, client_msg_id: Option<&str>) -> Utf8Bytes {
     encode(&MessageFrame {
-        kind: "message",
+        frame: "message",
         id: m.id,
         chat_id: m.chat_id,
         sender: &m.sender,
         sender_id: m.sender_id,
+        kind: m.kind.as_str(),
         content: &m.content,
+        event: m.event.as_deref().map(RawJson),
         timestamp: m.timestamp,
         client_msg_id,
     })
@@ -150,8 +198,8 @@ struct AckFrame<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     client_msg_id: Option<&'a str>,
-    id: i64,
-    chat_id: i64,
+    id: MessageId,
+    chat_id: ChatId,
     timestamp: Timestamp,
 }
 
@@ -190,14 +238,54 @@ struct ResyncFrame {
     #[serde(rename = "type")]
     kind: &'static str,
     /// Id of the last message replayed; page the rest over HTTP with `after`.
-    last_id: i64,
+    last_id: MessageId,
 }
 
 /// Encodes the `resync` frame sent when the replay hit its cap.
-pub fn resync_frame(last_id: i64) -> Utf8Bytes {
+pub fn resync_frame(last_id: MessageId) -> Utf8Bytes {
     encode(&ResyncFrame {
         kind: "resync",
         last_id,
+    })
+}
+
+#[derive(Serialize)]
+struct ReadFrame<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    chat_id: ChatId,
+    user_id: UserId,
+    username: &'a str,
+    up_to: MessageId,
+}
+
+/// Encodes a `read` frame: a member's read marker moved.
+pub fn read_frame(n: &ReadNotice) -> Utf8Bytes {
+    encode(&ReadFrame {
+        kind: "read",
+        chat_id: n.chat,
+        user_id: n.user,
+        username: &n.username,
+        up_to: n.up_to,
+    })
+}
+
+#[derive(Serialize)]
+struct TypingFrame<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    chat_id: ChatId,
+    user_id: UserId,
+    username: &'a str,
+}
+
+/// Encodes a `typing` frame.
+pub fn typing_frame(n: &TypingNotice) -> Utf8Bytes {
+    encode(&TypingFrame {
+        kind: "typing",
+        chat_id: n.chat,
+        user_id: n.user,
+        username: &n.username,
     })
 }
 
@@ -210,10 +298,17 @@ fn encode<T: Serialize>(frame: &T) -> Utf8Bytes {
 mod tests {
     use super::*;
 
+    fn parse_send(text: &str, max: usize) -> Result<SendFrame, FrameError> {
+        match parse_client(text, max)? {
+            ClientFrame::Send(f) => Ok(f),
+            other => panic!("not a send: {other:?}"),
+        }
+    }
+
     #[test]
     fn seed_frame_parses_with_and_without_type_and_key() {
         let f = parse_send(r#"{"chat_id": 1, "content": "Hello via WS"}"#, 4000).unwrap();
-        assert_eq!(f.chat_id, 1);
+        assert_eq!(f.chat_id, ChatId(1));
         assert_eq!(f.client_msg_id, None);
         let f = parse_send(
             r#"{"type":"send","chat_id":2,"content":"x","client_msg_id":"k"}"#,
@@ -221,6 +316,49 @@ mod tests {
         )
         .unwrap();
         assert_eq!(f.client_msg_id.as_deref(), Some("k"));
+    }
+
+    #[test]
+    fn typing_and_read_frames_parse() {
+        assert_eq!(
+            parse_client(r#"{"type":"typing","chat_id":3}"#, 10),
+            Ok(ClientFrame::Typing { chat_id: ChatId(3) })
+        );
+        assert_eq!(
+            parse_client(r#"{"type":"read","chat_id":3,"up_to":17}"#, 10),
+            Ok(ClientFrame::Read {
+                chat_id: ChatId(3),
+                up_to: MessageId(17)
+            })
+        );
+        for bad in [
+            r#"{"type":"read","chat_id":3}"#,
+            r#"{"type":"read","chat_id":3,"up_to":"7"}"#,
+            r#"{"type":"typing"}"#,
+        ] {
+            assert_eq!(
+                parse_client(bad, 10).unwrap_err().code,
+                "invalid_json",
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn event_details_are_embedded_as_json() {
+        let m = Message {
+            id: MessageId(5),
+            chat_id: ChatId(2),
+            sender: "alice".into(),
+            sender_id: UserId(1),
+            kind: crate::store::MessageKind::MemberAdded,
+            content: "alice added bob".into(),
+            event: Some(r#"{"user":{"id":2,"username":"bob"}}"#.into()),
+            timestamp: Timestamp(0),
+        };
+        let v: serde_json::Value = serde_json::from_str(message_frame(&m, None).as_str()).unwrap();
+        assert_eq!(v["kind"], "member_added");
+        assert_eq!(v["event"]["user"]["username"], "bob");
     }
 
     #[test]
@@ -232,7 +370,7 @@ mod tests {
             (e.code, e.client_msg_id.as_deref()),
             ("invalid_json", Some("k"))
         );
-        let e = parse_send(r#"{"type":"typing","chat_id":1,"content":"x"}"#, 10).unwrap_err();
+        let e = parse_client(r#"{"type":"dance","chat_id":1,"content":"x"}"#, 10).unwrap_err();
         assert_eq!(e.code, "invalid_json");
         for content in [
             "",

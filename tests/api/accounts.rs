@@ -123,6 +123,16 @@ async fn passwords_are_stored_only_as_argon2id_hashes() {
         hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
         "{hash}"
     );
+    if crate::db::on_postgres() {
+        // No file to search: no stored column holds the plaintext.
+        let found = crate::db::column_i64(
+            app.dir.path(),
+            &format!("SELECT count(*) FROM users WHERE password_hash LIKE '%{PASSWORD}%' OR username LIKE '%{PASSWORD}%'"),
+        )
+        .await;
+        assert_eq!(found, vec![0]);
+        return;
+    }
     let raw = std::fs::read(app.db_path()).unwrap();
     let wal = std::fs::read(app.db_path().with_extension("db-wal")).unwrap_or_default();
     let needle = PASSWORD.as_bytes();

@@ -83,8 +83,15 @@ async fn openapi_describes_every_route_of_the_http_api() {
         ("/login", "post"),
         ("/register", "post"),
         ("/chats", "get"),
+        ("/chats", "post"),
         ("/chats/initiate", "post"),
+        ("/chats/{chat_id}", "get"),
+        ("/chats/{chat_id}", "patch"),
         ("/chats/{chat_id}/messages", "get"),
+        ("/chats/{chat_id}/members", "post"),
+        ("/chats/{chat_id}/members/{user_id}", "patch"),
+        ("/chats/{chat_id}/members/{user_id}", "delete"),
+        ("/chats/{chat_id}/read", "post"),
         ("/healthz", "get"),
         ("/readyz", "get"),
     ] {
@@ -94,7 +101,7 @@ async fn openapi_describes_every_route_of_the_http_api() {
         );
     }
     let schemas = spec["components"]["schemas"].as_object().unwrap();
-    for name in ["Message", "ErrorBody", "LoginResponse", "ChatSummary"] {
+    for name in ["Message", "ErrorBody", "LoginResponse", "Chat", "Member"] {
         assert!(schemas.contains_key(name), "{name}");
     }
 }

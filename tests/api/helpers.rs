@@ -8,6 +8,7 @@ use secrecy::SecretString;
 use serde_json::{Value, json};
 use shindensen::app::{AppState, Application};
 use shindensen::config::Settings;
+use shindensen::ids::{ChatId, UserId};
 use shindensen::store::{NewMessage, SendOutcome};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -47,10 +48,12 @@ pub struct TestUser {
     pub token: String,
 }
 
-pub fn test_settings(db: &Path) -> Settings {
+/// Settings of a test app whose data lives in `dir` (see `db.rs`). Call
+/// `crate::db::ensure_database(dir)` before building an app on them.
+pub fn test_settings(dir: &Path) -> Settings {
     let mut s = Settings::default();
-    s.server.listen = "127.0.0.1:0".into();
-    s.database.url = format!("sqlite:{}", db.display());
+    s.server.listen = "127.0.0.1:0".parse().unwrap();
+    s.database.url = crate::db::database_url(dir);
     s.auth.jwt_secret = Some(SecretString::from(TEST_SECRET));
     s
 }
@@ -67,7 +70,8 @@ impl TestApp {
 
     /// Spawns an app on the database in `dir` (restarts reuse the dir).
     pub async fn spawn_in(dir: Arc<TempDir>, tweak: impl FnOnce(&mut Settings)) -> TestApp {
-        let mut settings = test_settings(&dir.path().join("test.db"));
+        crate::db::ensure_database(dir.path()).await;
+        let mut settings = test_settings(dir.path());
         tweak(&mut settings);
         let app = Application::build(settings).await.expect("app builds");
         let addr = app.local_addr();
@@ -113,8 +117,8 @@ impl TestApp {
             .state
             .store
             .send_message(NewMessage {
-                chat_id,
-                sender_id: sender.id,
+                chat_id: ChatId(chat_id),
+                sender_id: UserId(sender.id),
                 sender: sender.username.as_str().into(),
                 content: content.into(),
                 client_msg_id: None,
@@ -122,7 +126,7 @@ impl TestApp {
             .await
             .expect("message stored");
         match outcome {
-            SendOutcome::Created(m) => m.message.id,
+            SendOutcome::Created(m) => m.message.id.get(),
             SendOutcome::Duplicate(_) => panic!("unexpected duplicate"),
         }
     }
@@ -148,6 +152,21 @@ impl Api {
             req = req.bearer_auth(t);
         }
         self.send(req).await
+    }
+
+    pub async fn patch(&self, path: &str, body: Value, token: &str) -> (StatusCode, Value) {
+        self.send(
+            self.http
+                .patch(self.url(path))
+                .json(&body)
+                .bearer_auth(token),
+        )
+        .await
+    }
+
+    pub async fn delete(&self, path: &str, token: &str) -> (StatusCode, Value) {
+        self.send(self.http.delete(self.url(path)).bearer_auth(token))
+            .await
     }
 
     pub async fn get(&self, path: &str, token: Option<&str>) -> (StatusCode, Value) {
@@ -201,6 +220,98 @@ impl Api {
         let (status, body) = self.initiate(a, &b.username).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         body["chat_id"].as_i64().expect("chat_id")
+    }
+
+    /// `POST /chats` for a group of `who` and the named members.
+    pub async fn create_group(
+        &self,
+        who: &TestUser,
+        title: &str,
+        members: &[&str],
+    ) -> (StatusCode, Value) {
+        self.post(
+            "/chats",
+            json!({"type": "group", "title": title, "members": members}),
+            Some(&who.token),
+        )
+        .await
+    }
+
+    /// Creates a group and returns its id.
+    pub async fn group(&self, who: &TestUser, title: &str, members: &[&TestUser]) -> i64 {
+        let names: Vec<&str> = members.iter().map(|u| u.username.as_str()).collect();
+        let (status, body) = self.create_group(who, title, &names).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body["chat_id"].as_i64().expect("chat_id")
+    }
+
+    pub async fn chat_of(&self, who: &TestUser, chat: i64) -> (StatusCode, Value) {
+        self.get(&format!("/chats/{chat}"), Some(&who.token)).await
+    }
+
+    pub async fn add_member(
+        &self,
+        who: &TestUser,
+        chat: i64,
+        username: &str,
+    ) -> (StatusCode, Value) {
+        self.post(
+            &format!("/chats/{chat}/members"),
+            json!({"username": username}),
+            Some(&who.token),
+        )
+        .await
+    }
+
+    pub async fn remove_member(&self, who: &TestUser, chat: i64, user: i64) -> (StatusCode, Value) {
+        self.delete(&format!("/chats/{chat}/members/{user}"), &who.token)
+            .await
+    }
+
+    pub async fn set_role(
+        &self,
+        who: &TestUser,
+        chat: i64,
+        user: i64,
+        role: &str,
+    ) -> (StatusCode, Value) {
+        self.patch(
+            &format!("/chats/{chat}/members/{user}"),
+            json!({"role": role}),
+            &who.token,
+        )
+        .await
+    }
+
+    pub async fn mark_read(&self, who: &TestUser, chat: i64, up_to: i64) -> (StatusCode, Value) {
+        self.post(
+            &format!("/chats/{chat}/read"),
+            json!({"up_to": up_to}),
+            Some(&who.token),
+        )
+        .await
+    }
+
+    /// Sends `content` over a new WebSocket and returns the acked id.
+    pub async fn say_and_ack(&self, who: &TestUser, chat: i64, content: &str) -> i64 {
+        let mut ws = self.ws(who).await;
+        ws.send_json(json!({"chat_id": chat, "content": content}))
+            .await;
+        let id = ws.next_of("ack").await["id"].as_i64().expect("ack id");
+        ws.close().await;
+        id
+    }
+
+    /// The caller's entry for `chat` in `GET /chats`.
+    pub async fn listed(&self, who: &TestUser, chat: i64) -> Value {
+        let (status, list) = self.get("/chats", Some(&who.token)).await;
+        assert_eq!(status, StatusCode::OK, "{list}");
+        list.as_array()
+            .expect("a list")
+            .iter()
+            .find(|c| c["chat_id"] == chat)
+            .cloned()
+            .unwrap_or_else(|| panic!("chat {chat} is not in {}'s list: {list}", who.username))
     }
 
     pub async fn history(&self, who: &TestUser, chat: &str, query: &str) -> (StatusCode, Value) {
@@ -347,6 +458,31 @@ impl WsClient {
                 return v;
             }
         }
+    }
+
+    /// Every frame up to and including the first that `last` accepts.
+    pub async fn frames_until(&mut self, last: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let mut out = Vec::new();
+        loop {
+            let v = self.next_json().await;
+            let done = last(&v);
+            out.push(v);
+            if done {
+                return out;
+            }
+        }
+    }
+
+    /// Sends a `typing` frame.
+    pub async fn typing(&mut self, chat_id: i64) {
+        self.send_json(json!({"type": "typing", "chat_id": chat_id}))
+            .await
+    }
+
+    /// Sends a `read` frame.
+    pub async fn read(&mut self, chat_id: i64, up_to: i64) {
+        self.send_json(json!({"type": "read", "chat_id": chat_id, "up_to": up_to}))
+            .await
     }
 
     /// Collects `n` message frames, skipping acks.

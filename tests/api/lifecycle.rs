@@ -204,21 +204,13 @@ impl SendText
     }
 }
 
+/// The stored message ids, and SQLite's integrity check ("ok" when not on
+/// SQLite: there is no such check to run).
 async fn stored_ids(dir: &tempfile::TempDir) -> (Vec<i64>, String) {
-    use sqlx::ConnectOptions;
-    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(dir.path().join("test.db"))
-        .connect()
+    let ids = crate::db::column_i64(dir.path(), "SELECT id FROM messages ORDER BY id").await;
+    let check = crate::db::integrity_check(dir.path())
         .await
-        .unwrap();
-    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM messages ORDER BY id")
-        .fetch_all(&mut conn)
-        .await
-        .unwrap();
-    let check: String = sqlx::query_scalar("PRAGMA integrity_check")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+        .unwrap_or_else(|| "ok".into());
     (ids, check)
 }
 
@@ -361,4 +353,63 @@ async fn logs_never_contain_tokens_or_passwords() {
     // Token fragments too (a signature alone would be enough to matter).
     let signature = alice.token.rsplit('.').next().unwrap();
     assert!(!logs.contains(signature));
+}
+
+#[tokio::test]
+async fn kubernetes_service_link_variables_do_not_stop_the_server() {
+    // What Kubernetes injects for a Service named `shindensen` when the pod
+    // does not set enableServiceLinks: false, plus a wrapper's variable.
+    let links = [
+        ("SHINDENSEN_SERVICE_HOST", "10.0.0.1"),
+        ("SHINDENSEN_SERVICE_PORT", "80"),
+        ("SHINDENSEN_SERVICE_PORT_HTTP", "80"),
+        ("SHINDENSEN_PORT", "tcp://10.0.0.1:80"),
+        ("SHINDENSEN_PORT_80_TCP", "tcp://10.0.0.1:80"),
+        ("SHINDENSEN_PORT_80_TCP_PROTO", "tcp"),
+        ("SHINDENSEN_PORT_80_TCP_PORT", "80"),
+        ("SHINDENSEN_PORT_80_TCP_ADDR", "10.0.0.1"),
+        ("SHINDENSEN_BIN", "/usr/local/bin/shindensen"),
+        ("RUST_LOG", "debug"),
+    ];
+    let mut app = BinApp::spawn(new_dir(), &links).await;
+    let alice = app.user("alice").await;
+    let (status, _) = app.get("/chats", Some(&alice.token)).await;
+    assert_eq!(status, axum::http::StatusCode::OK);
+    app.sigterm();
+    app.wait().await;
+    let logs = app.logs();
+    let ignored = logs
+        .lines()
+        .find(|l| l.contains("were ignored"))
+        .unwrap_or_else(|| panic!("a debug line names the ignored variables:\n{logs}"));
+    assert!(ignored.contains("SHINDENSEN_PORT_80_TCP_ADDR"), "{ignored}");
+}
+
+#[tokio::test]
+async fn a_misspelt_section_or_an_unknown_file_key_still_stops_start_up() {
+    let dir = new_dir();
+    crate::db::ensure_database(dir.path()).await;
+    let out = crate::process::command(&dir)
+        .env("SHINDENSEN_SERVR__LISTEN", "127.0.0.1:0")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("servr"), "{stderr}");
+
+    let file = dir.path().join("shindensen.toml");
+    std::fs::write(
+        &file,
+        "[server]\nlisten = \"127.0.0.1:0\"\nlistne = \"x\"\n",
+    )
+    .unwrap();
+    let out = crate::process::command(&dir)
+        .env("SHINDENSEN_CONFIG", &file)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("listne"), "{stderr}");
 }

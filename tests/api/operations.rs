@@ -8,11 +8,13 @@ use reqwest::StatusCode;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::db::sqlite_only;
 use crate::helpers::{DEADLINE, TestApp, eventually, ids};
 use crate::process;
 
 #[tokio::test]
 async fn readiness_fails_when_the_database_file_goes_away_and_recovers() {
+    sqlite_only!();
     let app = TestApp::spawn().await;
     let (status, _) = app.get("/readyz", None).await;
     assert_eq!(status, StatusCode::OK);
@@ -166,8 +168,9 @@ async fn a_scrape_after_traffic_has_every_metric_with_route_labels_and_passes_pr
 #[tokio::test]
 async fn metrics_can_live_on_a_separate_listener_only() {
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let mut settings = crate::helpers::test_settings(&dir.path().join("test.db"));
-    settings.metrics.listen = "127.0.0.1:0".into();
+    crate::db::ensure_database(dir.path()).await;
+    let mut settings = crate::helpers::test_settings(dir.path());
+    settings.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
     settings.metrics.on_main_port = false;
     let app = shindensen::app::Application::build(settings).await.unwrap();
     let main = format!("http://{}", app.local_addr());
@@ -300,6 +303,7 @@ async fn slow_requests_get_a_json_408() {
 
 #[tokio::test]
 async fn backup_under_write_load_is_consistent_and_holds_every_message_acked_before_it() {
+    sqlite_only!();
     let app = TestApp::spawn_with(|s| s.ws.send_burst = 100_000).await;
     let alice = app.user("alice").await;
     let bob = app.user("bob").await;
@@ -373,7 +377,7 @@ async fn backup_under_write_load_is_consistent_and_holds_every_message_acked_bef
 
 #[tokio::test]
 async fn healthcheck_exits_zero_only_when_the_instance_is_ready() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(|s| s.shutdown.drain_delay_ms = 5_000).await;
     let addr = app.base.trim_start_matches("http://").to_string();
     let ok = process::command(&app.dir)
         .args(["healthcheck", "--addr", &addr])
@@ -381,8 +385,10 @@ async fn healthcheck_exits_zero_only_when_the_instance_is_ready() {
         .await
         .unwrap();
     assert!(ok.success());
-    let db = app.db_path();
-    std::fs::rename(&db, db.with_extension("gone")).unwrap();
+    // Not ready while draining (readiness fails from the first moment of
+    // shutdown; the listener still answers during the drain delay).
+    let mut app = app;
+    app.signal_shutdown();
     let not_ready = process::command(&app.dir)
         .args(["healthcheck", "--addr", &addr])
         .status()

@@ -36,10 +36,7 @@ pub fn command(dir: &TempDir) -> Command {
     let mut cmd = Command::new(bin());
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env(
-            "DATABASE_URL",
-            format!("sqlite:{}", dir.path().join("test.db").display()),
-        )
+        .env("DATABASE_URL", crate::db::database_url(dir.path()))
         .env("JWT_SECRET", TEST_SECRET)
         .env("SHINDENSEN_SERVER__LISTEN", "127.0.0.1:0")
         .env("SHINDENSEN_LOG__FORMAT", "json")
@@ -49,6 +46,7 @@ pub fn command(dir: &TempDir) -> Command {
 
 impl BinApp {
     pub async fn spawn(dir: Arc<TempDir>, envs: &[(&str, &str)]) -> BinApp {
+        crate::db::ensure_database(dir.path()).await;
         let mut cmd = command(&dir);
         for (k, v) in envs {
             cmd.env(k, v);

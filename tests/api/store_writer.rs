@@ -1,21 +1,28 @@
-//! The store's group-commit writer, through its public API on a real file.
+//! The store's group-commit writer, through its public API on a real
+//! database (a SQLite file, or PostgreSQL: see `db.rs`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use shindensen::config::DatabaseSettings;
-use shindensen::store::{HistoryPage, NewMessage, NoopSink, SendOutcome, Store, User};
+use shindensen::ids::{ChatId, MessageId, UserId};
+use shindensen::store::{
+    self, Entity, HistoryPage, NewMessage, NoopSink, SendOutcome, Store, StoreError, User,
+};
 
-async fn open(dir: &tempfile::TempDir) -> Store {
+async fn open(dir: &tempfile::TempDir) -> Arc<dyn Store> {
+    crate::db::ensure_database(dir.path()).await;
     let settings = DatabaseSettings {
-        url: format!("sqlite:{}", dir.path().join("w.db").display()),
+        url: crate::db::database_url(dir.path()),
         ..DatabaseSettings::default()
     };
-    Store::open(&settings, Arc::new(NoopSink)).await.unwrap()
+    store::open(&settings, &Default::default(), Arc::new(NoopSink))
+        .await
+        .unwrap()
 }
 
 /// A store on a fresh file, with users `a` and `b` and their chat.
-async fn with_chat() -> (tempfile::TempDir, Store, User, User, i64) {
+async fn with_chat() -> (tempfile::TempDir, Arc<dyn Store>, User, User, ChatId) {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir).await;
     let a = store.create_user("a", None).await.unwrap().unwrap();
@@ -24,13 +31,21 @@ async fn with_chat() -> (tempfile::TempDir, Store, User, User, i64) {
     (dir, store, a, b, chat)
 }
 
-/// A history page as JSON values.
-fn page(store: &Store, chat: i64, window: HistoryPage) -> Vec<serde_json::Value> {
-    let json = store.history_json(chat, window).unwrap();
-    serde_json::from_str(&json).unwrap()
+/// A history page as JSON values (id, content, timestamp).
+async fn page(store: &dyn Store, chat: ChatId, window: HistoryPage) -> Vec<serde_json::Value> {
+    let page = store.history(chat, window).await.unwrap();
+    page.iter()
+        .map(|m| {
+            serde_json::json!({
+                "id": m.id.get(),
+                "content": m.content,
+                "timestamp": m.timestamp.to_rfc3339(),
+            })
+        })
+        .collect()
 }
 
-fn msg(chat_id: i64, sender_id: i64, content: String, key: Option<String>) -> NewMessage {
+fn msg(chat_id: ChatId, sender_id: UserId, content: String, key: Option<String>) -> NewMessage {
     NewMessage {
         chat_id,
         sender_id,
@@ -61,7 +76,7 @@ async fn a_thousand_concurrent_inserts_from_50_tasks_all_commit_in_increasing_id
                         .unwrap();
                     match out {
                         SendOutcome::Created(m) => {
-                            ids.push((m.message.id, m.message.content.clone()))
+                            ids.push((m.message.id.get(), m.message.content.clone()))
                         }
                         SendOutcome::Duplicate(_) => panic!("no duplicates were sent"),
                     }
@@ -85,10 +100,10 @@ async fn a_thousand_concurrent_inserts_from_50_tasks_all_commit_in_increasing_id
     let mut after = 0;
     loop {
         let window = HistoryPage::After {
-            id: after,
+            id: MessageId(after),
             limit: 200,
         };
-        let page = page(&store, chat, window);
+        let page = page(store.as_ref(), chat, window).await;
         let Some(last) = page.last() else { break };
         after = last["id"].as_i64().unwrap();
         stored.extend(page);
@@ -156,7 +171,9 @@ async fn an_idempotent_resend_returns_the_original_id_even_after_reopening() {
         SendOutcome::Created(_) => panic!("resend after reopening created a message"),
     }
     assert_eq!(
-        page(&store, chat, HistoryPage::Latest { limit: 50 }).len(),
+        page(store.as_ref(), chat, HistoryPage::Latest { limit: 50 })
+            .await
+            .len(),
         2
     );
     store.close().await;
@@ -181,7 +198,9 @@ async fn a_new_key_sent_concurrently_is_stored_once() {
     assert_eq!(created.len(), 1, "exactly one send stores the message");
     assert_eq!(duplicates, vec![created[0]; 9]);
     assert_eq!(
-        page(&store, chat, HistoryPage::Latest { limit: 50 }).len(),
+        page(store.as_ref(), chat, HistoryPage::Latest { limit: 50 })
+            .await
+            .len(),
         1
     );
     store.close().await;
@@ -190,17 +209,21 @@ async fn a_new_key_sent_concurrently_is_stored_once() {
 #[tokio::test]
 async fn a_bad_message_in_a_batch_fails_alone() {
     let (_dir, store, a, b, chat) = with_chat().await;
-    // A sender that does not exist passes the chat check but fails its
-    // insert inside the writer's batch (foreign key).
+    // A sender that does not exist is queued like the others and fails
+    // inside the writer's batch (not a member of the chat).
     let sends = (0..30).map(|i| {
-        let sender = if i == 15 { b.id + 999 } else { a.id };
+        let sender = if i == 15 {
+            UserId(b.id.get() + 999)
+        } else {
+            a.id
+        };
         store.send_message(msg(chat, sender, format!("m{i}"), None))
     });
     let results = futures_util::future::join_all(sends).await;
     for (i, r) in results.into_iter().enumerate() {
         if i == 15 {
             assert!(
-                matches!(r, Err(shindensen::store::StoreError::ChatNotFound)),
+                matches!(r, Err(StoreError::NotFound(Entity::Chat))),
                 "{r:?}"
             );
         } else {
@@ -208,7 +231,9 @@ async fn a_bad_message_in_a_batch_fails_alone() {
         }
     }
     assert_eq!(
-        page(&store, chat, HistoryPage::Latest { limit: 50 }).len(),
+        page(store.as_ref(), chat, HistoryPage::Latest { limit: 50 })
+            .await
+            .len(),
         29
     );
     store.close().await;
@@ -220,13 +245,10 @@ async fn sending_to_a_chat_that_does_not_exist_is_chat_not_found() {
     let store = open(&dir).await;
     let a = store.create_user("a", None).await.unwrap().unwrap();
     let err = store
-        .send_message(msg(42, a.id, "x".into(), None))
+        .send_message(msg(ChatId(42), a.id, "x".into(), None))
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, shindensen::store::StoreError::ChatNotFound),
-        "{err:?}"
-    );
+    assert!(matches!(err, StoreError::NotFound(Entity::Chat)), "{err:?}");
     store.close().await;
 }
 
@@ -236,11 +258,12 @@ async fn writes_after_close_fail_cleanly() {
     let store = open(&dir).await;
     store.close().await;
     let err = store.create_user("late", None).await.unwrap_err();
-    assert!(matches!(err, shindensen::store::StoreError::Closed));
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
 }
 
 #[tokio::test]
 async fn the_writer_checkpoints_so_the_wal_stays_bounded() {
+    crate::db::sqlite_only!();
     let (dir, store, a, _b, chat) = with_chat().await;
     // One commit each: every commit appends at least two 4 KiB frames (the
     // table and the chat index), so without checkpoints the WAL would pass
@@ -252,7 +275,7 @@ async fn the_writer_checkpoints_so_the_wal_stays_bounded() {
             .await
             .unwrap();
     }
-    let wal = std::fs::metadata(dir.path().join("w.db-wal"))
+    let wal = std::fs::metadata(dir.path().join("test.db-wal"))
         .unwrap()
         .len();
     assert!(
@@ -260,7 +283,9 @@ async fn the_writer_checkpoints_so_the_wal_stays_bounded() {
         "the WAL grew to {wal} bytes: checkpoints are not running"
     );
     assert_eq!(
-        page(&store, chat, HistoryPage::Latest { limit: 200 }).len(),
+        page(store.as_ref(), chat, HistoryPage::Latest { limit: 200 })
+            .await
+            .len(),
         200
     );
     store.close().await;

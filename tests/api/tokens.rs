@@ -120,10 +120,11 @@ async fn forged_expired_and_malformed_tokens_are_rejected() {
 
 #[tokio::test]
 async fn tokens_survive_a_restart_with_the_generated_secret() {
+    crate::db::sqlite_only!();
     // No secret configured: one is generated next to the database (0600).
     let app = TestApp::spawn_with(|s| s.auth.jwt_secret = None).await;
     let alice = app.user("alice").await;
-    let secret_file = shindensen::app::secret_path(&app.db_path());
+    let secret_file = shindensen::store::sqlite::secret_path(&app.db_path());
     let dir = app.stop().await;
     #[cfg(unix)]
     {
@@ -137,4 +138,19 @@ async fn tokens_survive_a_restart_with_the_generated_secret() {
     let app = TestApp::spawn_in(dir, |s| s.auth.jwt_secret = None).await;
     let (status, _) = chats_status(&app, &alice.token).await;
     assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn on_postgresql_the_secret_must_come_from_the_configuration() {
+    crate::db::postgres_only!();
+    // There is no database file to keep a generated secret beside.
+    let dir = tempfile::tempdir().unwrap();
+    crate::db::ensure_database(dir.path()).await;
+    let mut settings = crate::helpers::test_settings(dir.path());
+    settings.auth.jwt_secret = None;
+    let err = match shindensen::app::Application::build(settings).await {
+        Ok(_) => panic!("started without a signing secret"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("JWT_SECRET"), "{err}");
 }

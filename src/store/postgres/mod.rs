@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::{
@@ -40,6 +41,9 @@ use crate::telemetry::metrics as m;
 
 /// Embedded migrations (the same files `sqlx migrate run` applies).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// A write connection idle this long is pinged before its next batch.
+const WRITE_IDLE_PING_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 pub struct PgStore {
@@ -78,13 +82,23 @@ impl PgStore {
         };
         let read = pool(settings.read_pool_size).await?;
         MIGRATOR.run(&read).await?;
-        // The writer's connections skip the ping before each use (one round
-        // trip per batch); a broken connection fails its batch with
-        // `unavailable` (nothing acked) and is replaced.
+        // Under load the writer's connections skip the ping before each use
+        // (one round trip per batch); one that sat idle for a second is
+        // pinged first, so a database restart while the node was quiet costs
+        // no failed batch. A connection that breaks mid-batch fails that
+        // batch with `unavailable` (nothing acked) and is replaced.
         let write = PgPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(timeout)
             .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= WRITE_IDLE_PING_AFTER {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options.clone())
             .await?;
         let last: i64 = sqlx::query_scalar!("SELECT last_id FROM stream WHERE id = 1")

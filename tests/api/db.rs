@@ -112,6 +112,24 @@ pub async fn column_i64(dir: &Path, sql: &str) -> Vec<i64> {
     }
 }
 
+/// Runs the statement `sql` (literals only, as in [`column_i64`]) on the
+/// test directory's database, while no server has it open.
+pub async fn execute(dir: &Path, sql: &str) {
+    let sql = sqlx::AssertSqlSafe(sql.to_string());
+    if let Some(server) = postgres_server() {
+        let opts: sqlx::postgres::PgConnectOptions = server.parse().unwrap();
+        let mut conn = opts.database(&database_name(dir)).connect().await.unwrap();
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    } else {
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(dir.join("test.db"))
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    }
+}
+
 /// SQLite's `PRAGMA integrity_check` of the directory's database; `None`
 /// on PostgreSQL, which has no such check to run.
 pub async fn integrity_check(dir: &Path) -> Option<String> {

@@ -16,6 +16,7 @@ mod lifecycle;
 mod operations;
 mod postgres;
 mod receipts;
+mod reliability;
 mod store_writer;
 mod tokens;
 mod upgrade;

@@ -17,12 +17,35 @@ use crate::store::{
 };
 
 /// Takes the stream lock (held to COMMIT) and returns the last id assigned.
-pub(super) async fn lock_stream(tx: &mut PgConnection) -> Result<i64, StoreError> {
-    Ok(
-        sqlx::query_scalar!("SELECT last_id FROM stream WHERE id = 1 FOR UPDATE")
-            .fetch_one(tx)
-            .await?,
+pub(super) async fn lock_stream(tx: &mut PgConnection) -> Result<StreamHead, StoreError> {
+    let r = sqlx::query!(
+        r#"SELECT s.last_id AS "last_id!",
+                  COALESCE((SELECT m.created_at FROM messages m WHERE m.id = s.last_id), 0) AS "last_ts!"
+           FROM stream s WHERE s.id = 1 FOR UPDATE OF s"#
     )
+    .fetch_one(tx)
+    .await?;
+    Ok(StreamHead {
+        last_id: r.last_id,
+        last_ts: r.last_ts,
+    })
+}
+
+/// The stream's position when its lock was taken.
+pub(super) struct StreamHead {
+    /// The last id assigned.
+    pub last_id: i64,
+    /// That message's timestamp: every node's next timestamp is at least
+    /// this, so timestamps never go backwards in id order, whatever the
+    /// nodes' clocks say and across restarts.
+    pub last_ts: i64,
+}
+
+impl StreamHead {
+    /// `now` raised to the stream's last timestamp.
+    pub fn timestamp(&self, now: i64) -> i64 {
+        now.max(self.last_ts)
+    }
 }
 
 /// Records `last` as the last id assigned (under the lock).
@@ -109,7 +132,8 @@ pub(super) async fn create_group(
     ts: i64,
 ) -> Result<(ChatId, Vec<Arc<StoredMessage>>), StoreError> {
     let mut tx = pool.begin().await?;
-    let last = lock_stream(&mut tx).await?;
+    let head = lock_stream(&mut tx).await?;
+    let (last, ts) = (head.last_id, head.timestamp(ts));
     let chat = ChatId(
         sqlx::query_scalar!(
             "INSERT INTO chats (kind, title, created_at) VALUES ('group', $1, $2) RETURNING id",
@@ -172,7 +196,8 @@ pub(super) async fn change(
     ts: i64,
 ) -> Result<(ChatId, Vec<Arc<StoredMessage>>), StoreError> {
     let mut tx = pool.begin().await?;
-    let mut last = lock_stream(&mut tx).await?;
+    let head = lock_stream(&mut tx).await?;
+    let (mut last, ts) = (head.last_id, head.timestamp(ts));
     let (kind, title, mut members) = roster(&mut tx, chat)
         .await?
         .ok_or(StoreError::Refused(Refusal::NotMember))?;

@@ -340,7 +340,8 @@ async fn insert_batch(
     ts: i64,
 ) -> Result<Vec<Result<SendOutcome, StoreError>>, StoreError> {
     let mut tx = pool.begin().await?;
-    let last = groups::lock_stream(&mut tx).await?;
+    let head = groups::lock_stream(&mut tx).await?;
+    let (last, ts) = (head.last_id, head.timestamp(ts));
 
     let mut chats: Vec<i64> = batch.iter().map(|q| q.msg.chat_id.get()).collect();
     chats.sort_unstable();

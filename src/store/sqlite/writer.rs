@@ -100,6 +100,14 @@ pub(super) fn spawn(
     members: Members,
 ) -> Result<WriterHandle, StoreError> {
     let conn = open(path, settings)?;
+    // Timestamps never go backwards, also across a restart with the clock
+    // behind: the floor starts at the newest stored message's (ids and
+    // timestamps grow together, so that is the last id's).
+    let last_ts: i64 = conn.query_row(
+        "SELECT COALESCE((SELECT created_at FROM messages ORDER BY id DESC LIMIT 1), 0)",
+        [],
+        |r| r.get(0),
+    )?;
     let (tx, rx) = mpsc::channel(settings.write_queue);
     let writer = Writer {
         conn,
@@ -107,7 +115,7 @@ pub(super) fn spawn(
         sink,
         members,
         batch_max: settings.write_batch_max,
-        last_ts: 0,
+        last_ts,
     };
     std::thread::Builder::new()
         .name("shindensen-writer".into())

@@ -145,14 +145,19 @@ impl Application {
         let state = self.state.clone();
         let settings = &state.settings;
         let grace = Duration::from_millis(settings.shutdown.grace_period_ms);
-        let header_timeout = Duration::from_millis(settings.server.header_read_timeout_ms);
+        let options = |websockets| crate::http::server::ServeOptions {
+            header_read_timeout: Duration::from_millis(settings.server.header_read_timeout_ms),
+            max_connections: crate::limits::connection_cap(settings.server.max_connections),
+            http2: settings.server.http2,
+            grace,
+            websockets,
+        };
         tracing::info!(addr = %self.local_addr(), "shindensen listening");
         let main = tokio::spawn(crate::http::server::serve(
             self.listener,
             crate::http::router(state.clone()),
-            header_timeout,
+            options(Some(state.hub.clone())),
             state.shutdown.clone(),
-            grace,
         ));
         let ops = self.metrics_listener.map(|listener| {
             if let Ok(addr) = listener.local_addr() {
@@ -161,9 +166,8 @@ impl Application {
             tokio::spawn(crate::http::server::serve(
                 listener,
                 crate::http::ops_router(state.clone()),
-                header_timeout,
+                options(None),
                 state.shutdown.clone(),
-                grace,
             ))
         });
 

@@ -109,10 +109,19 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     /// Time limit for one HTTP request (not WebSocket sessions), in milliseconds.
     pub request_timeout_ms: u64,
-    /// A client must send its request headers within this time, in milliseconds.
+    /// A client must send its request headers within this time, in
+    /// milliseconds, counted from the moment the connection is accepted
+    /// (a connection that sends nothing is closed after it).
     pub header_read_timeout_ms: u64,
     /// Origins allowed by CORS (`["*"]` for any); empty: no CORS headers.
     pub cors_allowed_origins: Vec<String>,
+    /// Most open client connections (HTTP and WebSocket) per listener; one
+    /// more is closed at once. Lowered at start to what the open-files
+    /// limit allows.
+    pub max_connections: usize,
+    /// Serve cleartext HTTP/2 (prior knowledge) beside HTTP/1.1. Off: a
+    /// proxy in front speaks HTTP/2 to clients and HTTP/1.1 to us.
+    pub http2: bool,
 }
 
 impl Default for ServerSettings {
@@ -123,6 +132,8 @@ impl Default for ServerSettings {
             request_timeout_ms: 10_000,
             header_read_timeout_ms: 10_000,
             cors_allowed_origins: Vec::new(),
+            max_connections: 50_000,
+            http2: false,
         }
     }
 }
@@ -287,6 +298,9 @@ pub struct WsSettings {
     /// Most messages replayed on `?since=` before `{"type":"resync"}`.
     pub replay_max: u32,
     /// At most one typing notice per user and chat is forwarded in this interval.
+    /// Open WebSocket connections per account (per node); one more is
+    /// refused with 429 `too_many_connections`.
+    pub max_connections_per_user: usize,
     pub typing_interval_ms: u64,
 }
 
@@ -302,6 +316,7 @@ impl Default for WsSettings {
             idle_timeout_ms: 60_000,
             replay_max: 1_000,
             typing_interval_ms: 2_000,
+            max_connections_per_user: 20,
         }
     }
 }
@@ -469,6 +484,9 @@ impl Settings {
                 "must be greater than 0",
             );
         }
+        if self.server.max_connections == 0 {
+            return fail("server.max_connections", "must be greater than 0");
+        }
         for origin in &self.server.cors_allowed_origins {
             if origin != "*" && axum::http::HeaderValue::from_str(origin).is_err() {
                 return fail(
@@ -569,6 +587,9 @@ impl Settings {
         }
         if self.database.connect_timeout_ms == 0 {
             return fail("database.connect_timeout_ms", "must be at least 1");
+        }
+        if self.ws.max_connections_per_user == 0 {
+            return fail("ws.max_connections_per_user", "must be at least 1");
         }
         if self.ws.typing_interval_ms == 0 {
             return fail("ws.typing_interval_ms", "must be at least 1");

@@ -9,6 +9,7 @@ pub mod config;
 pub mod domain;
 pub mod http;
 pub mod ids;
+pub mod limits;
 pub mod ratelimit;
 pub mod store;
 pub mod telemetry;

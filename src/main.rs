@@ -96,6 +96,17 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                     "environment variables with the SHINDENSEN_ prefix that are not SHINDENSEN_SECTION__KEY settings were ignored"
                 );
             }
+            match shindensen::limits::raise_nofile() {
+                Some(((soft0, _), (soft, hard))) => tracing::info!(
+                    soft_before = soft0,
+                    soft,
+                    hard,
+                    max_connections =
+                        shindensen::limits::connection_cap(settings.server.max_connections),
+                    "open-files limit"
+                ),
+                None => tracing::warn!("could not read the open-files limit"),
+            }
             let app = Application::build(settings).await?;
             app.run(shutdown_signal()).await?;
             tokio::task::spawn_blocking(move || telemetry.shutdown(Duration::from_secs(5))).await?;

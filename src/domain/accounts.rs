@@ -12,11 +12,13 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dashmap::DashMap;
 use secrecy::SecretString;
 
 use super::{DomainError, validate};
 use crate::auth::{Identity, JwtKeys, PasswordHasher};
 use crate::config::{AuthMode, AuthSettings};
+use crate::ids::UserId;
 use crate::ratelimit::KeyedLimiter;
 use crate::store::{Store, User};
 use crate::telemetry::metrics::auth_failure;
@@ -41,7 +43,12 @@ pub struct Accounts {
     by_username: KeyedLimiter<String>,
     mode: AuthMode,
     auto_register: bool,
+    /// Accounts seen to exist: id -> stored username.
+    known: DashMap<UserId, Arc<str>>,
 }
+
+/// Entries of the known-accounts cache before it starts over.
+const KNOWN_ACCOUNTS_MAX: usize = 100_000;
 
 impl Accounts {
     pub fn new(settings: &AuthSettings, secret: &SecretString, store: Arc<dyn Store>) -> Accounts {
@@ -55,15 +62,43 @@ impl Accounts {
             by_username: KeyedLimiter::new(settings.login_attempts_per_username, window),
             mode: settings.mode,
             auto_register: settings.auto_register,
+            known: DashMap::new(),
         }
     }
 
-    /// Verifies a bearer token.
-    pub fn authenticate(&self, token: &str) -> Result<Identity, DomainError> {
-        self.jwt.verify(token).map_err(|_| {
+    /// Verifies a bearer token and that its account exists (a validly
+    /// signed token can name an id the database does not have, e.g. after
+    /// a restore): either failure is `InvalidToken`. The identity carries
+    /// the account's stored username, not the token's claim.
+    pub async fn authenticate(&self, token: &str) -> Result<Identity, DomainError> {
+        let claimed = self.jwt.verify(token).map_err(|_| {
             auth_failure("invalid_token");
             DomainError::InvalidToken
+        })?;
+        if let Some(username) = self.known.get(&claimed.id) {
+            return Ok(Identity {
+                id: claimed.id,
+                username: username.to_string(),
+            });
+        }
+        let Some(user) = self.store.user_by_id(claimed.id).await? else {
+            auth_failure("unknown_account");
+            return Err(DomainError::InvalidToken);
+        };
+        self.remember(&user);
+        Ok(Identity {
+            id: user.id,
+            username: user.username,
         })
+    }
+
+    /// Caches an account that exists (accounts are never deleted or
+    /// renamed while the server runs, so an entry never goes stale).
+    fn remember(&self, user: &User) {
+        if self.known.len() >= KNOWN_ACCOUNTS_MAX {
+            self.known.clear();
+        }
+        self.known.insert(user.id, user.username.as_str().into());
     }
 
     /// Logs in; an unknown username is registered with this password

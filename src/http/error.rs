@@ -53,6 +53,8 @@ pub enum ApiError {
     Unprocessable { code: &'static str, message: String },
     #[error("too many attempts; retry later")]
     RateLimited { retry_after: Duration },
+    #[error("too many open WebSocket connections for this account")]
+    TooManyConnections,
     #[error("service is not ready")]
     NotReady,
     #[error("the request took too long")]
@@ -83,7 +85,9 @@ impl ApiError {
             ApiError::UsernameTaken => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited { .. } | ApiError::TooManyConnections => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -105,6 +109,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::Unprocessable { code, .. } => code,
             ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::TooManyConnections => "too_many_connections",
             ApiError::NotReady => "not_ready",
             ApiError::RequestTimeout => "request_timeout",
             ApiError::Internal(_) => "internal_error",

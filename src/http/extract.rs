@@ -111,6 +111,6 @@ impl FromRequestParts<AppState> for AuthUser {
             crate::telemetry::metrics::auth_failure("missing_token");
             ApiError::MissingToken
         })??;
-        Ok(AuthUser(state.accounts.authenticate(token)?))
+        Ok(AuthUser(state.accounts.authenticate(token).await?))
     }
 }

@@ -39,7 +39,10 @@ pub async fn upgrade(
             .filter(|t| !t.is_empty())
             .ok_or(ApiError::MissingToken)?,
     };
-    let user = state.accounts.authenticate(token)?;
+    let user = state.accounts.authenticate(token).await?;
+    if state.hub.connections_of(user.id) >= state.settings.ws.max_connections_per_user {
+        return Err(ApiError::TooManyConnections);
+    }
     let since = match params.since.as_deref() {
         None => None,
         Some("0") => Some(MessageId(0)),

@@ -52,6 +52,9 @@ pub trait Store: Send + Sync + 'static {
     /// Looks a user up by name, case-insensitively.
     async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>, StoreError>;
 
+    /// The account with this id, if there is one.
+    async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StoreError>;
+
     /// Creates an account; `Ok(None)` when the name is taken (in any case).
     async fn create_user(
         &self,

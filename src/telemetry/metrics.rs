@@ -16,6 +16,7 @@ pub const HTTP_ACTIVE: &str = "http_server_active_requests";
 pub const WS_CONNECTIONS: &str = "shindensen_ws_connections";
 pub const WS_OPENED: &str = "shindensen_ws_connections_opened_total";
 pub const WS_CLOSED: &str = "shindensen_ws_connections_closed_total";
+pub const CONNECTIONS_REFUSED: &str = "shindensen_connections_refused_total";
 pub const MESSAGES_ACCEPTED: &str = "shindensen_messages_accepted_total";
 pub const MESSAGES_DUPLICATE: &str = "shindensen_messages_duplicate_total";
 pub const MESSAGES_REJECTED: &str = "shindensen_messages_rejected_total";
@@ -133,6 +134,10 @@ fn describe() {
     describe_gauge!(WS_CONNECTIONS, "Open WebSocket connections.");
     describe_counter!(WS_OPENED, "WebSocket connections opened.");
     describe_counter!(WS_CLOSED, "WebSocket connections closed, by reason.");
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Client connections closed before a request: max_connections, silent (no first byte in time), accept_failed."
+    );
     describe_counter!(MESSAGES_ACCEPTED, "Messages committed to the database.");
     describe_counter!(
         MESSAGES_DUPLICATE,

@@ -120,6 +120,11 @@ impl Hub {
         self.connections.load(Ordering::Relaxed)
     }
 
+    /// Open connections of `user`.
+    pub fn connections_of(&self, user: UserId) -> usize {
+        self.users.get(&user).map_or(0, |c| c.len())
+    }
+
     /// Users with at least one open connection.
     pub fn user_count(&self) -> usize {
         self.users.len()

@@ -2,10 +2,26 @@
 //! restart, a token of an account the database does not have, the
 //! database file deleted under the writer, connections that never speak.
 
-use reqwest::StatusCode;
-use serde_json::Value;
+use std::time::{Duration, Instant};
 
-use crate::helpers::TestApp;
+use jsonwebtoken::{EncodingKey, Header};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::helpers::{DEADLINE, TEST_SECRET, TestApp, eventually};
+
+/// A token signed with the server's secret for any id and username.
+fn signed(sub: i64, username: &str) -> String {
+    let now = jsonwebtoken::get_current_timestamp();
+    jsonwebtoken::encode(
+        &Header::default(),
+        &json!({"sub": sub.to_string(), "username": username, "iat": now, "exp": now + 3600}),
+        &EncodingKey::from_secret(TEST_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
 
 fn timestamp_of(page: &Value, id: i64) -> String {
     page.as_array()
@@ -49,4 +65,220 @@ async fn timestamps_never_go_backwards_across_a_restart_with_the_clock_behind() 
     assert_eq!(status, StatusCode::OK, "{events}");
     let created = events[0]["timestamp"].as_str().unwrap().to_string();
     assert!(created >= t2, "group event at {created} is before {t2}");
+}
+
+#[tokio::test]
+async fn a_signed_token_of_an_account_the_database_does_not_have_is_401_never_500() {
+    let app = TestApp::spawn().await;
+    let alice = app.user("alice").await;
+    let _bob = app.user("bob").await;
+    // What a restore from an older backup leaves: tokens of later accounts.
+    let ghost = signed(alice.id + 1000, "ghost");
+    let answers = [
+        app.post(
+            "/chats/initiate",
+            json!({"target_username": "bob"}),
+            Some(&ghost),
+        )
+        .await,
+        app.post("/chats", json!({"title": "t", "members": []}), Some(&ghost))
+            .await,
+        app.get("/chats", Some(&ghost)).await,
+        app.get("/chats/1/messages", Some(&ghost)).await,
+    ];
+    for (status, body) in answers {
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(body["code"], "invalid_token", "{body}");
+    }
+    let err = app.try_ws(Some(&ghost), "").await.err().expect("refused");
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(res) => {
+            assert_eq!(res.status(), StatusCode::UNAUTHORIZED)
+        }
+        other => panic!("expected a 401 answer, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn frames_carry_the_stored_username_not_the_token_claim() {
+    let app = TestApp::spawn().await;
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let chat = app.chat(&alice, &bob).await;
+    let mut bob_ws = app.ws(&bob).await;
+    let liar = signed(alice.id, "bob");
+    let mut ws = app
+        .try_ws(Some(&liar), "")
+        .await
+        .expect("alice's id is an account");
+    ws.send_json(json!({"chat_id": chat, "content": "who am I", "client_msg_id": "k1"}))
+        .await;
+    ws.next_of("ack").await;
+    let frame = bob_ws.next_of("message").await;
+    assert_eq!(frame["sender_id"], alice.id);
+    assert_eq!(frame["sender"], "alice", "{frame}");
+}
+
+/// Reads until the server closes the connection (EOF or reset); false if
+/// it is still open at `deadline`.
+async fn closed_by_server(stream: &mut TcpStream, deadline: Instant) -> bool {
+    let mut buf = [0u8; 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn connections_that_never_send_a_byte_are_closed_while_clients_are_served() {
+    // The test process holds both ends of every connection.
+    shindensen::limits::raise_nofile();
+    let (soft, _) = shindensen::limits::nofile().unwrap();
+    let n = 2_000.min((soft.saturating_sub(600) / 2) as usize);
+    assert!(
+        n >= 300,
+        "open-files limit {soft} leaves room for only {n} connections"
+    );
+    let app = TestApp::spawn_with(|s| s.server.header_read_timeout_ms = 1_000).await;
+    let alice = app.user("alice").await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let opened = Instant::now();
+    let mut silent = Vec::with_capacity(n);
+    for _ in 0..n {
+        silent.push(TcpStream::connect(&addr).await.unwrap());
+    }
+    let (status, body) = app.get("/chats", Some(&alice.token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (i, s) in silent.iter_mut().enumerate() {
+        assert!(
+            closed_by_server(s, deadline).await,
+            "silent connection {i} of {n} still open"
+        );
+    }
+    let took = opened.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "closed after {took:?}, before the deadline"
+    );
+    let (status, _) = app.get("/chats", Some(&alice.token)).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_slow_request_header_is_cut_off_after_its_first_byte_too() {
+    let app = TestApp::spawn_with(|s| s.server.header_read_timeout_ms = 500).await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert!(closed_by_server(&mut s, Instant::now() + Duration::from_secs(10)).await);
+}
+
+#[tokio::test]
+async fn over_max_connections_a_new_connection_is_closed_and_served_again_below_it() {
+    let app = TestApp::spawn_with(|s| s.server.max_connections = 12).await;
+    let alice = app.user("alice").await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+    // WebSockets count too: 4 of them and 8 idle HTTP connections fill it.
+    let mut sockets = Vec::new();
+    for _ in 0..4 {
+        sockets.push(app.ws(&alice).await);
+    }
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(TcpStream::connect(&addr).await.unwrap());
+    }
+    eventually("the server counts 4 WebSockets", || {
+        app.state.hub.connection_count() == 4
+    })
+    .await;
+    let mut extra = TcpStream::connect(&addr).await.unwrap();
+    let _ = extra
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, extra.read_to_end(&mut answer)).await;
+    assert!(
+        answer.is_empty(),
+        "served over the cap: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    drop(idle);
+    drop(sockets);
+    // Below the cap again: served.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Ok(res) = reqwest::get(app.url("/healthz")).await
+            && res.status() == StatusCode::OK
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not served again below the cap");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = metric(
+        &app,
+        "shindensen_connections_refused_total{reason=\"max_connections\"}",
+    )
+    .await;
+    assert!(refused >= 1.0, "refusals counted: {refused}");
+}
+
+async fn metric(app: &TestApp, series: &str) -> f64 {
+    let text = reqwest::get(app.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .map(|v| v.trim().parse::<f64>().unwrap())
+        })
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn over_the_per_user_cap_a_websocket_upgrade_is_429_too_many_connections() {
+    let app = TestApp::spawn_with(|s| s.ws.max_connections_per_user = 3).await;
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(app.ws(&alice).await);
+    }
+    eventually("3 connections registered", || {
+        app.state
+            .hub
+            .connections_of(shindensen::ids::UserId(alice.id))
+            == 3
+    })
+    .await;
+    match app.try_ws(Some(&alice.token), "").await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => {
+            assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+            let body: Value =
+                serde_json::from_slice(res.body().as_deref().unwrap_or_default()).unwrap();
+            assert_eq!(body["code"], "too_many_connections");
+        }
+        other => panic!("expected 429, got {:?}", other.map(|_| "a connection")),
+    }
+    // Other accounts are not affected; a closed connection frees a place.
+    app.ws(&bob).await;
+    open.pop().unwrap().close().await;
+    eventually("2 connections registered", || {
+        app.state
+            .hub
+            .connections_of(shindensen::ids::UserId(alice.id))
+            == 2
+    })
+    .await;
+    app.ws(&alice).await;
 }

@@ -231,6 +231,16 @@ impl Store for PgStore {
         }))
     }
 
+    async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StoreError> {
+        let row = sqlx::query!("SELECT id, username FROM users WHERE id = $1", id.get())
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(row.map(|r| User {
+            id: UserId(r.id),
+            username: r.username,
+        }))
+    }
+
     async fn create_user(
         &self,
         username: &str,

@@ -286,6 +286,21 @@ impl Store for SqliteStore {
         }))
     }
 
+    #[tracing::instrument(name = "db.user_by_id", skip_all, fields(db.system.name = "sqlite"))]
+    async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StoreError> {
+        let id = id.get();
+        let row = sqlx::query!(
+            r#"SELECT id AS "id!", username FROM users WHERE id = ?"#,
+            id
+        )
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row.map(|r| User {
+            id: UserId(r.id),
+            username: r.username,
+        }))
+    }
+
     async fn create_user(
         &self,
         username: &str,

@@ -282,3 +282,53 @@ async fn over_the_per_user_cap_a_websocket_upgrade_is_429_too_many_connections()
     .await;
     app.ws(&alice).await;
 }
+
+/// Sends `n` keyed messages one at a time; returns the answers (ack or error frames).
+async fn send_each(
+    ws: &mut crate::helpers::WsClient,
+    chat: i64,
+    tag: &str,
+    n: usize,
+) -> Vec<Value> {
+    let mut answers = Vec::new();
+    for i in 0..n {
+        ws.send_json(json!({"chat_id": chat, "content": format!("{tag} {i}"), "client_msg_id": format!("{tag}-{i}")}))
+            .await;
+        answers.push(
+            ws.frames_until(|f| f["type"] == "ack" || f["type"] == "error")
+                .await
+                .pop()
+                .unwrap(),
+        );
+    }
+    answers
+}
+
+async fn no_ack_once_a_file_is_gone(suffix: &str) {
+    crate::db::sqlite_only!();
+    let app = TestApp::spawn().await;
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let chat = app.chat(&alice, &bob).await;
+    let mut ws = app.ws(&alice).await;
+    let before = send_each(&mut ws, chat, "before", 3).await;
+    assert!(before.iter().all(|f| f["type"] == "ack"), "{before:?}");
+    let mut file = app.db_path().into_os_string();
+    file.push(suffix);
+    std::fs::remove_file(&file).unwrap();
+    let after = send_each(&mut ws, chat, "after", 5).await;
+    for f in &after {
+        assert_eq!(f["type"], "error", "acked after {file:?} was deleted: {f}");
+        assert_eq!(f["code"], "unavailable", "{f}");
+    }
+}
+
+#[tokio::test]
+async fn no_send_is_acked_after_the_database_file_is_deleted() {
+    no_ack_once_a_file_is_gone("").await;
+}
+
+#[tokio::test]
+async fn no_send_is_acked_after_the_wal_file_is_deleted() {
+    no_ack_once_a_file_is_gone("-wal").await;
+}

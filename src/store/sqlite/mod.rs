@@ -490,13 +490,13 @@ fn connect_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
 }
 
 #[cfg(unix)]
-fn file_identity(path: &Path) -> Option<(u64, u64)> {
+pub(super) fn file_identity(path: &Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 #[cfg(not(unix))]
-fn file_identity(_path: &Path) -> Option<(u64, u64)> {
+pub(super) fn file_identity(_path: &Path) -> Option<(u64, u64)> {
     None
 }
 

@@ -18,7 +18,7 @@
 
 use std::cell::Cell;
 use std::os::raw::c_int;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -116,6 +116,7 @@ pub(super) fn spawn(
         members,
         batch_max: settings.write_batch_max,
         last_ts,
+        files: FileCheck::new(path),
     };
     std::thread::Builder::new()
         .name("shindensen-writer".into())
@@ -261,6 +262,52 @@ struct Writer {
     batch_max: usize,
     /// Timestamps never go backwards, even if the wall clock does.
     last_ts: i64,
+    /// The files this connection writes, checked after every COMMIT.
+    files: FileCheck,
+}
+
+/// The database file and its `-wal` as they were when the writer opened
+/// them. If either is deleted, moved or replaced under the running server,
+/// COMMIT still succeeds, into a file nobody will open again: the writer
+/// then answers `unavailable` instead of acking (and readiness fails on
+/// the same check).
+struct FileCheck {
+    db: PathBuf,
+    wal: PathBuf,
+    db_id: Option<(u64, u64)>,
+    wal_id: Option<(u64, u64)>,
+}
+
+impl FileCheck {
+    fn new(db: &Path) -> FileCheck {
+        let mut wal = db.as_os_str().to_owned();
+        wal.push("-wal");
+        let wal = PathBuf::from(wal);
+        FileCheck {
+            db_id: super::file_identity(db),
+            wal_id: super::file_identity(&wal),
+            db: db.to_path_buf(),
+            wal,
+        }
+    }
+
+    fn verify(&mut self) -> Result<(), StoreError> {
+        if self.db_id.is_some() && super::file_identity(&self.db) != self.db_id {
+            return Err(StoreError::unavailable(
+                "the database file is missing or was replaced",
+            ));
+        }
+        match (self.wal_id, super::file_identity(&self.wal)) {
+            (Some(known), now) if now != Some(known) => Err(StoreError::unavailable(
+                "the database's -wal file is missing or was replaced",
+            )),
+            (None, now) => {
+                self.wal_id = now;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Outcome of one row inside a batch transaction.
@@ -442,6 +489,7 @@ impl Writer {
             insert_all(&mut self.conn, batch, audiences, ts)
         });
         let committed_at = Instant::now();
+        let result = result.and_then(|outcomes| self.files.verify().map(|()| outcomes));
         match result {
             Ok(outcomes) => {
                 histogram!(m::DB_BATCH_SIZE).record(batch.len() as f64);
@@ -460,8 +508,8 @@ impl Writer {
                 counter!(m::MESSAGES_ACCEPTED).increment(created);
             }
             Err(e) => {
-                // The transaction was rolled back: nothing of it is stored,
-                // and every sender is told so (nothing was acknowledged).
+                // Rolled back, or committed to a file that is gone: either
+                // way nothing is acknowledged, and every sender is told so.
                 tracing::warn!(error = %e, size = batch.len(), "batch insert failed");
                 for queued in batch.drain(..) {
                     (queued.on_commit)(Err(e.clone()));

@@ -1,5 +1,12 @@
 //! HS256 access tokens. Only HS256 is accepted: `none`, HS512, RS256 and
 //! anything else fail validation, as do bad signatures and expired tokens.
+//!
+//! Beyond the signature and `exp` (5 s leeway): an `nbf` (not before), if
+//! present, must have passed (same leeway); `iat` may not be more than
+//! [`MAX_IAT_SKEW_SECS`] in the future (a token "issued" later than now was
+//! not issued by a server with a sane clock); `sub` must be a user id in
+//! canonical form: decimal digits, no sign, no leading zero, no spaces,
+//! positive and within `i64` (docs/decisions/0011-input-hardening.md).
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::{ExposeSecret, SecretString};
@@ -8,7 +15,12 @@ use serde::{Deserialize, Serialize};
 use super::Identity;
 use crate::ids::UserId;
 
-/// Token claims: `sub` is the user id as a string (RFC 7519).
+/// How far in the future a token's `iat` may lie (clock skew between
+/// nodes), in seconds.
+pub const MAX_IAT_SKEW_SECS: u64 = 60;
+
+/// Token claims: `sub` is the user id as a string (RFC 7519). We never
+/// issue `nbf`; a token that has one is checked against it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
@@ -37,6 +49,8 @@ impl JwtKeys {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 5;
         validation.validate_exp = true;
+        // Checked when present (the library's rule); required only if listed below.
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub", "iat"]);
         JwtKeys {
             encoding: EncodingKey::from_secret(bytes),
@@ -68,13 +82,111 @@ impl JwtKeys {
     pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|_| TokenError::Invalid)?;
-        let id: i64 = data.claims.sub.parse().map_err(|_| TokenError::Invalid)?;
-        if id <= 0 {
+        let now = jsonwebtoken::get_current_timestamp();
+        if data.claims.iat > now.saturating_add(MAX_IAT_SKEW_SECS) {
             return Err(TokenError::Invalid);
         }
+        let id = parse_sub(&data.claims.sub).ok_or(TokenError::Invalid)?;
         Ok(Identity {
-            id: UserId(id),
+            id,
             username: data.claims.username,
         })
+    }
+}
+
+/// A `sub` in the one form we issue: `UserId::to_string()` of a positive
+/// id. `str::parse` alone would also take `+5` and `05`, so the same
+/// account would have several spellings.
+fn parse_sub(sub: &str) -> Option<UserId> {
+    let canonical = sub.bytes().all(|b| b.is_ascii_digit()) && !sub.starts_with('0');
+    if !canonical {
+        return None;
+    }
+    match sub.parse::<i64>() {
+        Ok(id) if id > 0 => Some(UserId(id)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::get_current_timestamp as now;
+    use serde_json::{Value, json};
+
+    fn keys() -> JwtKeys {
+        JwtKeys::new(
+            &SecretString::from("jwt-unit-test-secret-0123456789abcdef"),
+            3600,
+        )
+    }
+
+    fn sign(claims: &Value) -> String {
+        let key = EncodingKey::from_secret(b"jwt-unit-test-secret-0123456789abcdef");
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &key).unwrap()
+    }
+
+    fn claims(sub: &str) -> Value {
+        json!({"sub": sub, "username": "alice", "iat": now(), "exp": now() + 600})
+    }
+
+    #[test]
+    fn issued_tokens_verify() {
+        let k = keys();
+        let id = k.verify(&k.issue(UserId(42), "alice")).unwrap();
+        assert_eq!(id.id, UserId(42));
+        assert_eq!(id.username, "alice");
+        let max = k.issue(UserId(i64::MAX), "max");
+        assert_eq!(k.verify(&max).unwrap().id, UserId(i64::MAX));
+    }
+
+    #[test]
+    fn sub_must_be_a_canonical_positive_id() {
+        let k = keys();
+        assert_eq!(k.verify(&sign(&claims("7"))).unwrap().id, UserId(7));
+        for bad in [
+            "",
+            "0",
+            "-7",
+            "+7",
+            "07",
+            " 7",
+            "7 ",
+            "7.0",
+            "1e3",
+            "٧",
+            "0x7",
+            "9223372036854775808",
+            "99999999999999999999",
+        ] {
+            assert!(k.verify(&sign(&claims(bad))).is_err(), "sub {bad:?}");
+        }
+        let mut numeric = claims("7");
+        numeric["sub"] = json!(7);
+        assert!(k.verify(&sign(&numeric)).is_err(), "sub must be a string");
+    }
+
+    #[test]
+    fn nbf_is_honoured_when_present() {
+        let k = keys();
+        let mut c = claims("7");
+        c["nbf"] = json!(now() - 10);
+        assert!(k.verify(&sign(&c)).is_ok());
+        c["nbf"] = json!(now() + 120);
+        assert!(k.verify(&sign(&c)).is_err(), "not valid yet");
+        c["nbf"] = json!("soon");
+        assert!(k.verify(&sign(&c)).is_err(), "malformed nbf");
+    }
+
+    #[test]
+    fn iat_more_than_a_minute_ahead_is_refused() {
+        let k = keys();
+        let mut c = claims("7");
+        c["iat"] = json!(now() + 30);
+        assert!(k.verify(&sign(&c)).is_ok(), "within the skew");
+        c["iat"] = json!(now() + MAX_IAT_SKEW_SECS + 30);
+        assert!(k.verify(&sign(&c)).is_err());
+        c["iat"] = json!(u64::MAX);
+        assert!(k.verify(&sign(&c)).is_err());
     }
 }

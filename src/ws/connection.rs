@@ -51,6 +51,12 @@ pub enum CloseReason {
     SlowConsumer,
     /// An inbound frame exceeded `ws.max_frame_bytes`.
     TooBig,
+    /// The client broke the WebSocket framing rules (RFC 6455 §7.4.1,
+    /// 1002): an unmasked frame, reserved bits set, a fragmented or
+    /// oversized control frame, an unknown opcode, a stray continuation.
+    ProtocolError,
+    /// A text frame (or a close reason) that is not valid UTF-8 (1007).
+    InvalidUtf8,
     /// The server is shutting down.
     Shutdown,
     /// The server could not serve the connection (e.g. the replay query failed).
@@ -65,6 +71,8 @@ impl CloseReason {
             CloseReason::Timeout => "timeout",
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::TooBig => "too_big",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::InvalidUtf8 => "invalid_utf8",
             CloseReason::Shutdown => "shutdown",
             CloseReason::ServerError => "server_error",
         }
@@ -77,6 +85,8 @@ impl CloseReason {
             CloseReason::Timeout => (4000, "idle timeout"),
             CloseReason::SlowConsumer => (4008, "slow consumer: resume with ?since="),
             CloseReason::TooBig => (1009, "frame too large"),
+            CloseReason::ProtocolError => (1002, "protocol error"),
+            CloseReason::InvalidUtf8 => (1007, "text frame is not valid UTF-8"),
             CloseReason::Shutdown => (1001, "server shutting down"),
             CloseReason::ServerError => (1011, "server error"),
         };
@@ -217,14 +227,7 @@ async fn read_half<St>(
             )),
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
             Some(Ok(Message::Close(_))) | None => return control.close(CloseReason::Client),
-            Some(Err(e)) => {
-                let reason = if is_too_big(e) {
-                    CloseReason::TooBig
-                } else {
-                    CloseReason::Client
-                };
-                return control.close(reason);
-            }
+            Some(Err(e)) => return control.close(read_error_reason(e)),
         }
     }
     // Shutdown: every send received so far commits and is acked first.
@@ -234,11 +237,32 @@ async fn read_half<St>(
     }
 }
 
-fn is_too_big(e: axum::Error) -> bool {
-    matches!(
-        e.into_inner().downcast::<tungstenite::Error>().map(|b| *b),
-        Ok(tungstenite::Error::Capacity(_))
-    )
+/// Why a read failed, as a close reason: the client's fault gets its
+/// RFC 6455 code; a vanished peer or an I/O error is just the end.
+fn read_error_reason(e: axum::Error) -> CloseReason {
+    use tungstenite::error::ProtocolError as P;
+    let Ok(e) = e.into_inner().downcast::<tungstenite::Error>() else {
+        return CloseReason::Client;
+    };
+    match *e {
+        tungstenite::Error::Capacity(_) => CloseReason::TooBig,
+        tungstenite::Error::Utf8(_) => CloseReason::InvalidUtf8,
+        tungstenite::Error::Protocol(
+            P::NonZeroReservedBits
+            | P::UnmaskedFrameFromClient
+            | P::FragmentedControlFrame
+            | P::ControlFrameTooBig
+            | P::UnknownControlFrameType(_)
+            | P::UnknownDataFrameType(_)
+            | P::UnexpectedContinueFrame
+            | P::ExpectedFragment(_)
+            | P::InvalidOpcode(_)
+            | P::InvalidCloseSequence,
+        ) => CloseReason::ProtocolError,
+        // The peer reset or left, sent after its close, or ours failed:
+        // nobody is left to read a close code.
+        _ => CloseReason::Client,
+    }
 }
 
 /// Completes the close handshake: keeps reading until the client's close

@@ -390,3 +390,177 @@ mod tests {
         assert!(parse_send(r#"{"chat_id":1,"content":"ünïcödé ✓"}"#, 9).is_ok());
     }
 }
+
+/// Property tests: whatever a client sends, the parser does not panic, and
+/// it either yields a frame that satisfies every rule or refuses with one of
+/// the documented codes (echoing the `client_msg_id` once it was read).
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{Map, Value};
+
+    const MAX: usize = 40;
+
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            cases: 256,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    /// Text a client might send: short strings, some of them edge cases.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>().prop_map(|s| s.chars().take(50).collect()),
+            Just(String::new()),
+            Just(" \u{200B}\u{FEFF}\u{202E}\u{E0041}".to_string()),
+            Just("line\r\nnext".to_string()),
+            Just("a\rb".to_string()),
+            Just("x".repeat(MAX + 1)),
+            Just("k".repeat(MAX_CLIENT_MSG_ID + 1)),
+            Just("send".to_string()),
+            Just("typing".to_string()),
+            Just("read".to_string()),
+        ]
+    }
+
+    fn number() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            any::<i64>().prop_map(Value::from),
+            (-3i64..5).prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            Just(Value::from(i64::MAX)),
+            Just(serde_json::json!(1.0)),
+        ]
+    }
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            number(),
+            text().prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::vec((text(), inner), 0..4)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A frame-shaped object: the protocol's field names with any values.
+    fn frame() -> impl Strategy<Value = Value> {
+        let field = |name: &'static str, value: BoxedStrategy<Value>| {
+            prop::option::weighted(0.7, value).prop_map(move |v| (name, v))
+        };
+        let kind = prop_oneof![
+            Just(Value::from("send")),
+            Just(Value::from("typing")),
+            Just(Value::from("read")),
+            json(),
+        ]
+        .boxed();
+        let id = prop_oneof![number(), json()].boxed();
+        let string = prop_oneof![text().prop_map(Value::String), json()].boxed();
+        (
+            field("type", kind),
+            field("chat_id", id.clone()),
+            field("content", string.clone()),
+            field("client_msg_id", string),
+            field("up_to", id),
+            json(),
+        )
+            .prop_map(|(a, b, c, d, e, extra)| {
+                let mut map = match extra {
+                    Value::Object(m) => m,
+                    _ => Map::new(),
+                };
+                for (name, value) in [a, b, c, d, e] {
+                    match value {
+                        Some(v) => map.insert(name.to_string(), v),
+                        None => map.remove(name),
+                    };
+                }
+                Value::Object(map)
+            })
+    }
+
+    /// The key a send frame carries, if it is a valid one.
+    fn valid_key(v: &Value) -> Option<&str> {
+        let is_send = matches!(v.get("type"), None | Some(Value::Null))
+            || v.get("type") == Some(&Value::from("send"));
+        let key = v.get("client_msg_id")?.as_str()?;
+        (is_send && !key.is_empty() && key.len() <= MAX_CLIENT_MSG_ID).then_some(key)
+    }
+
+    fn check(text: &str, sent: Option<&Value>) -> Result<(), TestCaseError> {
+        match parse_client(text, MAX) {
+            Ok(ClientFrame::Send(f)) => {
+                prop_assert!(f.chat_id.get() > 0);
+                prop_assert!(
+                    validate::content(&f.content, MAX).is_ok(),
+                    "{:?}",
+                    f.content
+                );
+                if let Some(k) = &f.client_msg_id {
+                    prop_assert!(!k.is_empty() && k.len() <= MAX_CLIENT_MSG_ID);
+                }
+                if let Some(v) = sent {
+                    prop_assert_eq!(
+                        v.get("content").and_then(Value::as_str),
+                        Some(f.content.as_str())
+                    );
+                }
+            }
+            Ok(ClientFrame::Typing { chat_id }) => prop_assert!(chat_id.get() > 0),
+            Ok(ClientFrame::Read { chat_id, up_to }) => {
+                prop_assert!(chat_id.get() > 0);
+                prop_assert!(up_to.get() >= 0);
+            }
+            Err(e) => {
+                prop_assert!(
+                    ["invalid_json", "invalid_content"].contains(&e.code),
+                    "undocumented code {}",
+                    e.code
+                );
+                prop_assert!(!e.message.is_empty());
+                if let Some(v) = sent
+                    && let Some(key) = valid_key(v)
+                {
+                    prop_assert_eq!(e.client_msg_id.as_deref(), Some(key), "{}", e.message);
+                }
+                // The error frame itself is valid JSON of the documented shape.
+                let frame: Value = serde_json::from_str(error_frame(&e).as_str()).unwrap();
+                prop_assert_eq!(&frame["type"], "error");
+                prop_assert_eq!(&frame["code"], e.code);
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn arbitrary_bytes_parse_or_are_invalid_json(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+            // Text frames are UTF-8 by the time they reach the parser
+            // (anything else closes with 1007).
+            check(&String::from_utf8_lossy(&bytes), None)?;
+        }
+
+        #[test]
+        fn arbitrary_json_values_parse_or_get_a_documented_error(v in json()) {
+            check(&v.to_string(), None)?;
+        }
+
+        #[test]
+        fn frame_shaped_objects_parse_or_get_a_documented_error(v in frame()) {
+            check(&v.to_string(), Some(&v))?;
+        }
+    }
+}

@@ -10,6 +10,13 @@
 //! so that on shutdown the connection can wait until everything it
 //! received is committed and acked. A read marker also spends a token (it
 //! is a write); typing has its own per-user interval (`domain::chats`).
+//!
+//! Idempotency: a send whose `client_msg_id` the sender used before gets
+//! the original ack only when it is the same message (same chat, same
+//! content, byte for byte); the same key for anything else is an
+//! `idempotency_conflict` error frame. The store stores nothing in either
+//! case; the comparison is made here, on the stored message the store
+//! answers with (docs/decisions/0011-input-hardening.md).
 
 use std::sync::Arc;
 
@@ -22,8 +29,9 @@ use super::protocol::{self, ClientFrame, FrameError, SendFrame};
 use crate::app::AppState;
 use crate::auth::Identity;
 use crate::domain::DomainError;
+use crate::ids::ChatId;
 use crate::ratelimit::TokenBucket;
-use crate::store::{Entity, NewMessage, OnCommit, SendOutcome, Store, StoreError};
+use crate::store::{Entity, Message, NewMessage, OnCommit, SendOutcome, Store, StoreError};
 use crate::telemetry::{self, metrics as m};
 
 pub(super) struct Sends {
@@ -104,9 +112,15 @@ impl Sends {
             span_id = tracing::field::Empty,
         );
         telemetry::record_trace_id(&span);
+        // What a repeat of this key must match; kept only for keyed sends.
+        let expect = key.as_ref().map(|_| Sent {
+            chat_id: send.chat_id,
+            content: send.content.clone(),
+        });
         let on_commit = answer(
             self.handle.clone(),
             key.clone(),
+            expect,
             span.clone(),
             self.in_flight.token(),
         );
@@ -170,11 +184,26 @@ fn reject(handle: &ConnHandle, e: FrameError) {
     handle.push(Outbound::Control(protocol::error_frame(&e)));
 }
 
+/// A keyed send as the client sent it, to compare with what its key
+/// stored the first time.
+struct Sent {
+    chat_id: ChatId,
+    content: String,
+}
+
+impl Sent {
+    /// True when `stored` is this message: a true resend.
+    fn matches(&self, stored: &Message) -> bool {
+        stored.chat_id == self.chat_id && stored.content == self.content
+    }
+}
+
 /// What the store does with a submitted message's outcome: queue the ack
 /// (or the error) on the sending connection and close the message's span.
 fn answer(
     handle: Arc<ConnHandle>,
     key: Option<String>,
+    expect: Option<Sent>,
     span: tracing::Span,
     in_flight: TaskTrackerToken,
 ) -> OnCommit {
@@ -183,10 +212,13 @@ fn answer(
         match outcome {
             Ok(outcome) => {
                 let duplicate = matches!(outcome, SendOutcome::Duplicate(_));
+                let msg = &outcome.stored().message;
                 if duplicate {
+                    if expect.as_ref().is_some_and(|sent| !sent.matches(msg)) {
+                        return reject(&handle, idempotency_conflict(key));
+                    }
                     metrics::counter!(m::MESSAGES_DUPLICATE).increment(1);
                 }
-                let msg = &outcome.stored().message;
                 span.record("message_id", msg.id.get());
                 span.record("duplicate", duplicate);
                 handle.push(Outbound::Control(protocol::ack_frame(msg, key.as_deref())));
@@ -194,6 +226,14 @@ fn answer(
             Err(e) => reject(&handle, store_error(e, key)),
         }
     })
+}
+
+fn idempotency_conflict(key: Option<String>) -> FrameError {
+    FrameError::new(
+        "idempotency_conflict",
+        "this client_msg_id was already used for a different message (another chat or other content); nothing was stored, send it with a new client_msg_id",
+        key,
+    )
 }
 
 fn store_error(e: StoreError, key: Option<String>) -> FrameError {

@@ -11,6 +11,7 @@ mod accounts;
 mod chats;
 mod errors;
 mod groups;
+mod hardening;
 mod history;
 mod lifecycle;
 mod operations;

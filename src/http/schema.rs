@@ -14,7 +14,7 @@ use crate::ws::protocol::RawJson;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 #[schema(as = User)]
 pub struct UserBody {
-    #[schema(value_type = i64)]
+    #[schema(value_type = i64, minimum = 1)]
     pub id: UserId,
     pub username: String,
 }
@@ -32,13 +32,13 @@ impl From<store::User> for UserBody {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 #[schema(as = Message)]
 pub struct MessageBody {
-    #[schema(value_type = i64)]
+    #[schema(value_type = i64, minimum = 1)]
     pub id: MessageId,
-    #[schema(value_type = i64)]
+    #[schema(value_type = i64, minimum = 1)]
     pub chat_id: ChatId,
     /// The sender's username (for an event: who made the change).
     pub sender: String,
-    #[schema(value_type = i64)]
+    #[schema(value_type = i64, minimum = 1)]
     pub sender_id: UserId,
     /// `text`, or the event: `chat_created`, `member_added`,
     /// `member_removed`, `role_changed`, `title_changed`.
@@ -130,21 +130,25 @@ pub fn page_json(page: &MessagePage) -> Vec<u8> {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[schema(as = Chat)]
 pub struct ChatBody {
-    #[schema(value_type = i64)]
+    #[schema(value_type = i64, minimum = 1)]
     pub chat_id: ChatId,
     /// `direct` or `group`.
     #[serde(rename = "type")]
     #[schema(example = "direct")]
     pub kind: &'static str,
     /// Groups only (`null` for direct chats).
+    #[schema(required = true)]
     pub title: Option<String>,
     /// Direct chats only: the other member (`null` for groups).
+    #[schema(required = true)]
     pub peer: Option<UserBody>,
     pub member_count: u32,
     pub created_at: Timestamp,
+    /// `null` for a chat without messages.
+    #[schema(required = true)]
     pub last_message: Option<MessageBody>,
     /// The caller's read marker.
-    #[schema(value_type = i64)]
+    #[schema(value_type = i64, minimum = 0)]
     pub last_read_id: MessageId,
     /// Text messages above the caller's marker, not sent by the caller.
     pub unread_count: u64,
@@ -156,13 +160,13 @@ pub struct ChatBody {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[schema(as = Member)]
 pub struct MemberBody {
-    #[schema(value_type = i64)]
+    #[schema(value_type = i64, minimum = 1)]
     pub id: UserId,
     pub username: String,
     /// `admin` or `member`.
     #[schema(example = "member")]
     pub role: &'static str,
-    #[schema(value_type = i64)]
+    #[schema(value_type = i64, minimum = 0)]
     pub last_read_id: MessageId,
 }
 
@@ -204,9 +208,9 @@ impl From<store::ChatDetail> for ChatBody {
 /// `POST /chats/{chat_id}/read`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ReadMarkerBody {
-    #[schema(value_type = i64)]
+    #[schema(value_type = i64, minimum = 1)]
     pub chat_id: ChatId,
-    #[schema(value_type = i64)]
+    #[schema(value_type = i64, minimum = 0)]
     pub last_read_id: MessageId,
     pub unread_count: u64,
 }

@@ -1,7 +1,7 @@
 //! Input and protocol hardening (docs/decisions/0011-input-hardening.md):
 //! idempotency conflicts, invisible content, strict tokens, WebSocket
-//! protocol-error closes, hyper's own answers to broken HTTP, and arbitrary
-//! request bodies.
+//! protocol-error closes, hyper's own answers to broken HTTP, the OpenAPI
+//! document against the router, and arbitrary request bodies.
 
 use std::time::Duration;
 
@@ -529,6 +529,82 @@ async fn broken_http_gets_hypers_400_414_431_and_the_connection_is_closed() {
     // The server is unharmed.
     let (status, _) = app.get("/healthz", None).await;
     assert_eq!(status, StatusCode::OK);
+}
+
+// ---- 6. OpenAPI lists what the router serves ----
+
+#[tokio::test]
+async fn every_operation_in_the_openapi_document_is_served_and_the_operational_routes_are_listed() {
+    let app = TestApp::spawn().await;
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let group = app.group(&alice, "Team", &[&bob]).await;
+    let (status, doc) = app.get("/openapi.json", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let paths = doc["paths"].as_object().expect("paths");
+    for listed in [
+        "/livez",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "/ws",
+        "/",
+        "/app.js",
+        "/style.css",
+        "/chats/{chat_id}/messages",
+    ] {
+        assert!(
+            paths.contains_key(listed),
+            "{listed} is not in the document"
+        );
+    }
+    // The check below tells a served route from an unknown one.
+    let (status, body) = app.get("/no/such/route", Some(&alice.token)).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+
+    for (template, item) in paths {
+        let path = template
+            .replace("{chat_id}", &group.to_string())
+            .replace("{user_id}", &bob.id.to_string());
+        for method in item.as_object().unwrap().keys() {
+            let method: Method = method.to_uppercase().parse().unwrap();
+            let mut req = app
+                .http
+                .request(method.clone(), app.url(&path))
+                .bearer_auth(&alice.token);
+            if method != Method::GET && method != Method::DELETE {
+                req = req.json(&json!({}));
+            }
+            let res = req.send().await.unwrap();
+            let status = res.status();
+            let body: Value = res.json().await.unwrap_or(Value::Null);
+            assert!(
+                !(status == StatusCode::NOT_FOUND && body["code"] == "not_found")
+                    && status != StatusCode::METHOD_NOT_ALLOWED,
+                "{method} {template} is documented but not routed: {status} {body}"
+            );
+            assert!(!status.is_server_error(), "{method} {template}: {status}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_openapi_document_omits_routes_the_settings_turn_off() {
+    let app = TestApp::spawn_with(|s| {
+        s.web.enabled = false;
+        s.metrics.on_main_port = false;
+    })
+    .await;
+    let (_, doc) = app.get("/openapi.json", None).await;
+    for off in ["/", "/app.js", "/style.css", "/metrics"] {
+        assert!(doc["paths"].get(off).is_none(), "{off} is listed");
+        let (status, _) = app.get(off, None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{off} is served");
+    }
 }
 
 // ---- 7. arbitrary request bodies ----

@@ -149,6 +149,7 @@ impl Application {
             header_read_timeout: Duration::from_millis(settings.server.header_read_timeout_ms),
             max_connections: crate::limits::connection_cap(settings.server.max_connections),
             http2: settings.server.http2,
+            write_timeout: Duration::from_millis(settings.server.write_timeout_ms),
             grace,
             websockets,
         };

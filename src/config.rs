@@ -119,6 +119,9 @@ pub struct ServerSettings {
     /// more is closed at once. Lowered at start to what the open-files
     /// limit allows.
     pub max_connections: usize,
+    /// A connection whose writes make no progress for this long (the
+    /// client stopped reading) is closed, in milliseconds.
+    pub write_timeout_ms: u64,
     /// Serve cleartext HTTP/2 (prior knowledge) beside HTTP/1.1. Off: a
     /// proxy in front speaks HTTP/2 to clients and HTTP/1.1 to us.
     pub http2: bool,
@@ -133,6 +136,7 @@ impl Default for ServerSettings {
             header_read_timeout_ms: 10_000,
             cors_allowed_origins: Vec::new(),
             max_connections: 50_000,
+            write_timeout_ms: 30_000,
             http2: false,
         }
     }
@@ -483,6 +487,9 @@ impl Settings {
                 "server.request_timeout_ms / server.header_read_timeout_ms",
                 "must be greater than 0",
             );
+        }
+        if self.server.write_timeout_ms == 0 {
+            return fail("server.write_timeout_ms", "must be greater than 0");
         }
         if self.server.max_connections == 0 {
             return fail("server.max_connections", "must be greater than 0");

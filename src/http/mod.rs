@@ -8,6 +8,7 @@ mod health;
 mod openapi;
 pub mod schema;
 pub mod server;
+mod stall;
 mod web;
 mod ws;
 

@@ -10,6 +10,8 @@
 //!   connection); one more is closed at once and counted.
 //! * HTTP/1.1 always; cleartext HTTP/2 only when enabled, with keep-alive
 //!   pings. WebSocket upgrades; graceful shutdown of in-flight requests.
+//! * A connection whose writes make no progress for `write_timeout` (the
+//!   client stopped reading) is closed, freeing what it held.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use super::stall::StallTimeout;
 use crate::telemetry::metrics as m;
 use crate::ws::hub::Hub;
 
@@ -37,6 +40,8 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// Serve cleartext HTTP/2 as well.
     pub http2: bool,
+    /// A connection whose writes make no progress this long is closed.
+    pub write_timeout: Duration,
     /// How long in-flight requests may take after `stop`.
     pub grace: Duration,
     /// Open WebSockets count against `max_connections` (main listener).
@@ -105,6 +110,7 @@ pub async fn serve(
         });
         let guard = OpenGuard::new(&open);
         let deadline = options.header_read_timeout;
+        let write_timeout = options.write_timeout;
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
@@ -114,7 +120,10 @@ pub async fn serve(
                 return;
             }
             let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .serve_connection_with_upgrades(
+                    TokioIo::new(StallTimeout::new(stream, write_timeout)),
+                    service,
+                )
                 .into_owned();
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(error = %e, "connection ended with an error");

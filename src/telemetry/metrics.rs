@@ -17,6 +17,7 @@ pub const WS_CONNECTIONS: &str = "shindensen_ws_connections";
 pub const WS_OPENED: &str = "shindensen_ws_connections_opened_total";
 pub const WS_CLOSED: &str = "shindensen_ws_connections_closed_total";
 pub const CONNECTIONS_REFUSED: &str = "shindensen_connections_refused_total";
+pub const CONNECTIONS_WRITE_TIMEOUT: &str = "shindensen_connections_write_timeout_total";
 pub const MESSAGES_ACCEPTED: &str = "shindensen_messages_accepted_total";
 pub const MESSAGES_DUPLICATE: &str = "shindensen_messages_duplicate_total";
 pub const MESSAGES_REJECTED: &str = "shindensen_messages_rejected_total";
@@ -134,6 +135,10 @@ fn describe() {
     describe_gauge!(WS_CONNECTIONS, "Open WebSocket connections.");
     describe_counter!(WS_OPENED, "WebSocket connections opened.");
     describe_counter!(WS_CLOSED, "WebSocket connections closed, by reason.");
+    describe_counter!(
+        CONNECTIONS_WRITE_TIMEOUT,
+        "Client connections closed because their writes made no progress for server.write_timeout_ms."
+    );
     describe_counter!(
         CONNECTIONS_REFUSED,
         "Client connections closed before a request: max_connections, silent (no first byte in time), accept_failed."

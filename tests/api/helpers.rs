@@ -396,11 +396,21 @@ impl Api {
     /// A connection whose socket receive buffer is tiny, for clients that
     /// stop reading: the server's queue fills instead of the kernel's buffers.
     pub async fn ws_small_buffer(&self, user: &TestUser) -> WsClient {
+        self.ws_small_buffer_query(user, "").await
+    }
+
+    /// [`Api::ws_small_buffer`], resuming after `since`.
+    pub async fn ws_small_buffer_since(&self, user: &TestUser, since: i64) -> WsClient {
+        self.ws_small_buffer_query(user, &format!("?since={since}"))
+            .await
+    }
+
+    async fn ws_small_buffer_query(&self, user: &TestUser, query: &str) -> WsClient {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(4096).unwrap();
         let addr = self.base.trim_start_matches("http://").parse().unwrap();
         let tcp = socket.connect(addr).await.unwrap();
-        let mut req = self.ws_url("").into_client_request().unwrap();
+        let mut req = self.ws_url(query).into_client_request().unwrap();
         req.headers_mut().insert(
             "authorization",
             format!("Bearer {}", user.token).parse().unwrap(),

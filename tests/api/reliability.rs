@@ -332,3 +332,41 @@ async fn no_send_is_acked_after_the_database_file_is_deleted() {
 async fn no_send_is_acked_after_the_wal_file_is_deleted() {
     no_ack_once_a_file_is_gone("-wal").await;
 }
+
+#[tokio::test]
+async fn a_resume_replay_that_is_never_read_is_closed_after_the_write_timeout() {
+    let app = TestApp::spawn_with(|s| {
+        s.server.write_timeout_ms = 1_000;
+        s.ws.replay_max = 1_000;
+    })
+    .await;
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let chat = app.chat(&alice, &bob).await;
+    // 1,000 messages of 4,000 four-byte characters: a 16 MB replay, more
+    // than the kernel's socket buffers take.
+    let long = "😀".repeat(4_000);
+    for _ in 0..1_000 {
+        app.store_message(&alice, chat, &long).await;
+    }
+    let clients = 5;
+    let mut held = Vec::new();
+    for _ in 0..clients {
+        held.push(app.ws_small_buffer_since(&bob, 0).await); // never read
+    }
+    let series = "shindensen_connections_write_timeout_total";
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let timed_out = metric(&app, series).await;
+        if timed_out >= clients as f64 && app.state.hub.connection_count() == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{timed_out} of {clients} non-reading clients closed by the write timeout; {} connections open",
+            app.state.hub.connection_count()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(held);
+}

@@ -12,7 +12,6 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use super::Identity;
 use crate::ids::UserId;
 
 /// How far in the future a token's `iat` may lie (clock skew between
@@ -26,6 +25,23 @@ pub struct Claims {
     pub sub: String,
     pub username: String,
     pub iat: u64,
+    pub exp: u64,
+    /// The account's token key when the token was issued (see
+    /// `store::TokenCheck`); tokens without one are refused.
+    #[serde(default)]
+    pub key: String,
+    /// The token's random id, for revoking it alone.
+    #[serde(default)]
+    pub jti: String,
+}
+
+/// A token whose signature and claims checked out; the account behind it
+/// is checked by `domain::Accounts`.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub id: UserId,
+    pub key: String,
+    pub jti: String,
     pub exp: u64,
 }
 
@@ -64,14 +80,16 @@ impl JwtKeys {
         self.ttl_secs
     }
 
-    /// Issues a token for the user.
-    pub fn issue(&self, user_id: UserId, username: &str) -> String {
+    /// Issues a token for the user, bound to the account's token key.
+    pub fn issue(&self, user_id: UserId, username: &str, key: &str) -> String {
         let iat = jsonwebtoken::get_current_timestamp();
         let claims = Claims {
             sub: user_id.to_string(),
             username: username.to_string(),
             iat,
             exp: iat + self.ttl_secs,
+            key: key.to_string(),
+            jti: format!("{:032x}", rand::random::<u128>()),
         };
         // HS256 with an HMAC key cannot fail to encode.
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
@@ -79,7 +97,7 @@ impl JwtKeys {
     }
 
     /// Verifies a token and returns whom it was issued to.
-    pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
+    pub fn verify(&self, token: &str) -> Result<Verified, TokenError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|_| TokenError::Invalid)?;
         let now = jsonwebtoken::get_current_timestamp();
@@ -87,9 +105,15 @@ impl JwtKeys {
             return Err(TokenError::Invalid);
         }
         let id = parse_sub(&data.claims.sub).ok_or(TokenError::Invalid)?;
-        Ok(Identity {
+        let c = data.claims;
+        if c.key.is_empty() || c.jti.is_empty() || c.jti.len() > 64 {
+            return Err(TokenError::Invalid);
+        }
+        Ok(Verified {
             id,
-            username: data.claims.username,
+            key: c.key,
+            jti: c.jti,
+            exp: c.exp,
         })
     }
 }
@@ -127,17 +151,32 @@ mod tests {
     }
 
     fn claims(sub: &str) -> Value {
-        json!({"sub": sub, "username": "alice", "iat": now(), "exp": now() + 600})
+        json!({"sub": sub, "username": "alice", "iat": now(), "exp": now() + 600, "key": "k", "jti": "j"})
     }
 
     #[test]
     fn issued_tokens_verify() {
         let k = keys();
-        let id = k.verify(&k.issue(UserId(42), "alice")).unwrap();
-        assert_eq!(id.id, UserId(42));
-        assert_eq!(id.username, "alice");
-        let max = k.issue(UserId(i64::MAX), "max");
+        let v = k.verify(&k.issue(UserId(42), "alice", "key42")).unwrap();
+        assert_eq!(v.id, UserId(42));
+        assert_eq!(v.key, "key42");
+        assert_eq!(v.jti.len(), 32);
+        let again = k.verify(&k.issue(UserId(42), "alice", "key42")).unwrap();
+        assert_ne!(v.jti, again.jti, "every token has its own id");
+        let max = k.issue(UserId(i64::MAX), "max", "k");
         assert_eq!(k.verify(&max).unwrap().id, UserId(i64::MAX));
+    }
+
+    #[test]
+    fn tokens_without_a_key_or_id_are_refused() {
+        let k = keys();
+        for field in ["key", "jti"] {
+            let mut c = claims("7");
+            c.as_object_mut().unwrap().remove(field);
+            assert!(k.verify(&sign(&c)).is_err(), "without {field}");
+            c[field] = json!("");
+            assert!(k.verify(&sign(&c)).is_err(), "empty {field}");
+        }
     }
 
     #[test]

@@ -10,17 +10,17 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use secrecy::SecretString;
 
 use super::{DomainError, validate};
-use crate::auth::{Identity, JwtKeys, PasswordHasher};
+use crate::auth::{Identity, JwtKeys, PasswordHasher, TokenRef};
 use crate::config::{AuthMode, AuthSettings};
 use crate::ids::UserId;
 use crate::ratelimit::KeyedLimiter;
-use crate::store::{Store, User};
+use crate::store::{Store, User, UserRecord};
 use crate::telemetry::metrics::auth_failure;
 
 /// A logged-in session: what `POST /login` and `POST /register` answer.
@@ -43,12 +43,23 @@ pub struct Accounts {
     by_username: KeyedLimiter<String>,
     mode: AuthMode,
     auto_register: bool,
-    /// Accounts seen to exist: id -> stored username.
-    known: DashMap<UserId, Arc<str>>,
+    /// Tokens checked against their account lately: jti -> result.
+    checked: DashMap<Arc<str>, Checked>,
 }
 
-/// Entries of the known-accounts cache before it starts over.
-const KNOWN_ACCOUNTS_MAX: usize = 100_000;
+struct Checked {
+    user: UserId,
+    username: Arc<str>,
+    at: Instant,
+}
+
+/// How long a token's account check is reused. A password change or a
+/// logout takes effect at once on the node that made it (its entries are
+/// dropped) and within this time on the others.
+pub const RECHECK: Duration = Duration::from_secs(1);
+
+/// Entries of the check cache before it starts over.
+const CHECKED_MAX: usize = 100_000;
 
 impl Accounts {
     pub fn new(settings: &AuthSettings, secret: &SecretString, store: Arc<dyn Store>) -> Accounts {
@@ -62,43 +73,80 @@ impl Accounts {
             by_username: KeyedLimiter::new(settings.login_attempts_per_username, window),
             mode: settings.mode,
             auto_register: settings.auto_register,
-            known: DashMap::new(),
+            checked: DashMap::new(),
         }
     }
 
-    /// Verifies a bearer token and that its account exists (a validly
-    /// signed token can name an id the database does not have, e.g. after
-    /// a restore): either failure is `InvalidToken`. The identity carries
-    /// the account's stored username, not the token's claim.
+    /// Verifies a bearer token, then its account: the account exists (a
+    /// validly signed token can name an id the database does not have,
+    /// e.g. after a restore), its token key is the token's (so it is the
+    /// same account, and its password has not changed since), and the
+    /// token was not revoked. Any failure is `InvalidToken`. The identity
+    /// carries the account's stored username, not the token's claim.
     pub async fn authenticate(&self, token: &str) -> Result<Identity, DomainError> {
-        let claimed = self.jwt.verify(token).map_err(|_| {
+        let v = self.jwt.verify(token).map_err(|_| {
             auth_failure("invalid_token");
             DomainError::InvalidToken
         })?;
-        if let Some(username) = self.known.get(&claimed.id) {
-            return Ok(Identity {
-                id: claimed.id,
-                username: username.to_string(),
-            });
-        }
-        let Some(user) = self.store.user_by_id(claimed.id).await? else {
-            auth_failure("unknown_account");
-            return Err(DomainError::InvalidToken);
-        };
-        self.remember(&user);
+        let token = Arc::new(TokenRef {
+            jti: v.jti,
+            key: v.key,
+            expires_at: v.exp,
+        });
+        let username = self.check_account(v.id, &token).await?;
         Ok(Identity {
-            id: user.id,
-            username: user.username,
+            id: v.id,
+            username: username.to_string(),
+            token,
         })
     }
 
-    /// Caches an account that exists (accounts are never deleted or
-    /// renamed while the server runs, so an entry never goes stale).
-    fn remember(&self, user: &User) {
-        if self.known.len() >= KNOWN_ACCOUNTS_MAX {
-            self.known.clear();
+    /// True while `who`'s token is still good: not expired, account key
+    /// unchanged, not revoked (read at most once per [`RECHECK`]).
+    pub async fn still_valid(&self, who: &Identity) -> Result<bool, DomainError> {
+        if who.token.expires_at <= jsonwebtoken::get_current_timestamp() {
+            return Ok(false);
         }
-        self.known.insert(user.id, user.username.as_str().into());
+        match self.check_account(who.id, &who.token).await {
+            Ok(_) => Ok(true),
+            Err(DomainError::InvalidToken) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn check_account(&self, id: UserId, token: &TokenRef) -> Result<Arc<str>, DomainError> {
+        if let Some(c) = self.checked.get(token.jti.as_str())
+            && c.user == id
+            && c.at.elapsed() < RECHECK
+        {
+            return Ok(c.username.clone());
+        }
+        let refuse = |reason| {
+            auth_failure(reason);
+            DomainError::InvalidToken
+        };
+        let Some(check) = self.store.token_check(id, &token.jti).await? else {
+            return Err(refuse("unknown_account"));
+        };
+        if check.token_key != token.key {
+            return Err(refuse("token_key_mismatch"));
+        }
+        if check.revoked {
+            return Err(refuse("revoked"));
+        }
+        if self.checked.len() >= CHECKED_MAX {
+            self.checked.clear();
+        }
+        let username: Arc<str> = check.username.into();
+        self.checked.insert(
+            token.jti.as_str().into(),
+            Checked {
+                user: id,
+                username: username.clone(),
+                at: Instant::now(),
+            },
+        );
+        Ok(username)
     }
 
     /// Logs in; an unknown username is registered with this password
@@ -140,20 +188,84 @@ impl Accounts {
                 return Err(DomainError::UsernameTaken);
             }
             match self.create_account(username, Some(password)).await? {
-                Some(user) => Ok(self.session(user, true)),
+                Some(rec) => Ok(self.session(rec, true)),
                 None => Err(DomainError::UsernameTaken),
             }
         })
         .await
     }
 
-    fn session(&self, user: User, created: bool) -> Session {
+    fn session(&self, rec: UserRecord, created: bool) -> Session {
         Session {
-            token: self.jwt.issue(user.id, &user.username),
+            token: self
+                .jwt
+                .issue(rec.user.id, &rec.user.username, &rec.token_key),
             expires_in: self.jwt.ttl_secs(),
-            user,
+            user: rec.user,
             created,
         }
+    }
+
+    /// `POST /token/refresh`: a new token for the caller's valid one (which
+    /// stays valid until it expires).
+    pub fn refresh(&self, who: &Identity) -> Session {
+        self.session(
+            UserRecord {
+                user: User {
+                    id: who.id,
+                    username: who.username.clone(),
+                },
+                password_hash: None,
+                token_key: who.token.key.clone(),
+            },
+            false,
+        )
+    }
+
+    /// `POST /account/password`: checks the old password (under the login
+    /// budgets), stores the new one with a new token key, so every token
+    /// issued before stops working, and returns a session with a new token.
+    pub async fn change_password(
+        &self,
+        client: IpAddr,
+        who: &Identity,
+        old: String,
+        new: String,
+    ) -> Result<Session, DomainError> {
+        validate::password(&new)?;
+        self.limited(client, &who.username, async {
+            let rec = self
+                .store
+                .user_by_name(&who.username)
+                .await?
+                .filter(|r| r.user.id == who.id)
+                .ok_or(DomainError::InvalidToken)?;
+            self.check_password(rec.password_hash.clone(), old).await?;
+            let hash = self.hasher.hash(new).await?;
+            let key = self
+                .store
+                .set_password(who.id, hash)
+                .await?
+                .ok_or(DomainError::InvalidToken)?;
+            self.checked.retain(|_, c| c.user != who.id);
+            Ok(self.session(
+                UserRecord {
+                    user: rec.user,
+                    password_hash: None,
+                    token_key: key,
+                },
+                false,
+            ))
+        })
+        .await
+    }
+
+    /// `POST /logout`: revokes the caller's token (only that one).
+    pub async fn logout(&self, who: &Identity) -> Result<(), DomainError> {
+        let expires_at = i64::try_from(who.token.expires_at).unwrap_or(i64::MAX);
+        self.store.revoke_token(&who.token.jti, expires_at).await?;
+        self.checked.remove(who.token.jti.as_str());
+        Ok(())
     }
 
     /// Runs `attempt` under the login budgets of `client` and `username`.
@@ -190,12 +302,16 @@ impl Accounts {
         &self,
         username: &str,
         password: Option<String>,
-    ) -> Result<Option<User>, DomainError> {
+    ) -> Result<Option<UserRecord>, DomainError> {
         let hash = match password {
             Some(p) => Some(self.hasher.hash(p).await?),
             None => None,
         };
-        Ok(self.store.create_user(username, hash).await?)
+        if self.store.create_user(username, hash).await?.is_none() {
+            return Ok(None);
+        }
+        // Read back for the token key the store gave it.
+        Ok(self.store.user_by_name(username).await?)
     }
 
     async fn check_password(
@@ -220,8 +336,9 @@ impl Accounts {
         password: String,
     ) -> Result<Session, DomainError> {
         if let Some(rec) = self.store.user_by_name(username).await? {
-            self.check_password(rec.password_hash, password).await?;
-            return Ok(self.session(rec.user, false));
+            self.check_password(rec.password_hash.clone(), password)
+                .await?;
+            return Ok(self.session(rec, false));
         }
         if !self.auto_register {
             self.hasher.verify_dummy(password).await?;
@@ -232,7 +349,7 @@ impl Accounts {
             .create_account(username, Some(password.clone()))
             .await?
         {
-            Some(user) => Ok(self.session(user, true)),
+            Some(rec) => Ok(self.session(rec, true)),
             // Created concurrently by another request: log in against it.
             None => {
                 let rec = self
@@ -240,8 +357,9 @@ impl Accounts {
                     .user_by_name(username)
                     .await?
                     .ok_or(DomainError::InvalidCredentials)?;
-                self.check_password(rec.password_hash, password).await?;
-                Ok(self.session(rec.user, false))
+                self.check_password(rec.password_hash.clone(), password)
+                    .await?;
+                Ok(self.session(rec, false))
             }
         }
     }
@@ -252,7 +370,7 @@ impl Accounts {
         password: Option<String>,
     ) -> Result<Session, DomainError> {
         if let Some(rec) = self.store.user_by_name(username).await? {
-            return Ok(self.session(rec.user, false));
+            return Ok(self.session(rec, false));
         }
         if !self.auto_register {
             return Err(DomainError::InvalidCredentials);
@@ -261,14 +379,14 @@ impl Accounts {
             validate::password(p)?;
         }
         match self.create_account(username, password).await? {
-            Some(user) => Ok(self.session(user, true)),
+            Some(rec) => Ok(self.session(rec, true)),
             None => {
                 let rec = self
                     .store
                     .user_by_name(username)
                     .await?
                     .ok_or(DomainError::InvalidCredentials)?;
-                Ok(self.session(rec.user, false))
+                Ok(self.session(rec, false))
             }
         }
     }

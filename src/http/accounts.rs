@@ -9,7 +9,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::AppJson;
+use super::extract::{AppJson, AuthUser};
 use super::schema::LoginResponse;
 use crate::app::AppState;
 
@@ -79,4 +79,69 @@ pub async fn register(
         .register(addr.ip(), &req.username, req.password)
         .await?;
     Ok((StatusCode::CREATED, Json(session.into())))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct PasswordChange {
+    #[schema(example = "correct horse battery staple")]
+    pub old_password: String,
+    #[schema(example = "another horse battery staple")]
+    pub new_password: String,
+}
+
+/// A new token for the caller's valid one; the old one stays valid until
+/// it expires.
+#[utoipa::path(
+    post, path = "/token/refresh", tag = "auth",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A new token", body = LoginResponse),
+        (status = 401, description = "`missing_token`, `invalid_token`", body = ErrorBody),
+    )
+)]
+pub async fn refresh(State(state): State<AppState>, user: AuthUser) -> Json<LoginResponse> {
+    Json(state.accounts.refresh(&user).into())
+}
+
+/// Change the password; every token issued before is revoked and the
+/// caller's WebSockets on this node close with 4001.
+#[utoipa::path(
+    post, path = "/account/password", tag = "auth",
+    security(("bearer" = [])),
+    request_body = PasswordChange,
+    responses(
+        (status = 200, description = "Changed; a new token", body = LoginResponse),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "`missing_token`, `invalid_token`, `invalid_credentials` (wrong old password)", body = ErrorBody),
+        (status = 422, description = "`invalid_password` (the new one)", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+    )
+)]
+pub async fn change_password(
+    State(state): State<AppState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    user: AuthUser,
+    AppJson(req): AppJson<PasswordChange>,
+) -> Result<Json<LoginResponse>, ApiError> {
+    let session = state
+        .accounts
+        .change_password(addr.ip(), &user, req.old_password, req.new_password)
+        .await?;
+    state.hub.end_sessions(user.id, None);
+    Ok(Json(session.into()))
+}
+
+/// Revoke the caller's token; its WebSockets on this node close with 4001.
+#[utoipa::path(
+    post, path = "/logout", tag = "auth",
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 401, description = "`missing_token`, `invalid_token`", body = ErrorBody),
+    )
+)]
+pub async fn logout(State(state): State<AppState>, user: AuthUser) -> Result<StatusCode, ApiError> {
+    state.accounts.logout(&user).await?;
+    state.hub.end_sessions(user.id, Some(&user.token.jti));
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -28,13 +28,15 @@ use crate::config::Settings;
 #[openapi(
     info(title = "shindensen", description = "Messenger backend: HTTP API. The WebSocket protocol behind GET /ws is described in the API contract and the README."),
     paths(
-        accounts::login, accounts::register,
+        accounts::login, accounts::register, accounts::refresh, accounts::change_password,
+        accounts::logout,
         chats::initiate, chats::list, chats::create, chats::get, chats::rename,
         chats::history, chats::add_member, chats::set_role, chats::remove_member, chats::read,
         health::live, health::ready,
     ),
     components(schemas(
         error::ErrorBody, accounts::LoginRequest, accounts::RegisterRequest, schema::LoginResponse,
+        accounts::PasswordChange,
         chats::InitiateRequest, chats::InitiateResponse, chats::CreateChatRequest,
         chats::RenameRequest, chats::AddMemberRequest, chats::SetRoleRequest, chats::ReadRequest,
         schema::UserBody, schema::MessageBody, schema::ChatBody, schema::MemberBody,
@@ -201,11 +203,12 @@ fn constrain(doc: &mut Value, settings: &Settings) -> Vec<String> {
     // Request and response bodies, by schema and property.
     let title = json!({"minLength": 1, "maxLength": settings.chats.max_title_chars});
     let password = json!({"minLength": 8, "maxLength": 128});
-    let rules: [(&str, &str, Value); 14] = [
+    let rules: [(&str, &str, Value); 15] = [
         ("LoginRequest", "username", username()),
         ("LoginRequest", "password", password.clone()),
         ("RegisterRequest", "username", username()),
-        ("RegisterRequest", "password", password),
+        ("RegisterRequest", "password", password.clone()),
+        ("PasswordChange", "new_password", password),
         ("InitiateRequest", "target_username", username()),
         ("InitiateResponse", "chat_id", ids.clone()),
         (

@@ -36,8 +36,8 @@ pub use time::Timestamp;
 pub use types::{
     Audience, Chat, ChatDetail, ChatKind, CommitSink, GroupChange, Health, HistoryPage, KeptSecret,
     Member, Message, MessageKind, MessagePage, MessageRef, NewGroup, NewMessage, NoopSink,
-    OnCommit, PeerLink, Peers, ReadMarker, ReplayedMessage, Role, SendOutcome, StoredMessage, User,
-    UserRecord,
+    OnCommit, PeerLink, Peers, ReadMarker, ReplayedMessage, Role, SendOutcome, StoredMessage,
+    TokenCheck, User, UserRecord,
 };
 
 /// The storage interface. A trait object (`Arc<dyn Store>`) rather than an
@@ -52,8 +52,20 @@ pub trait Store: Send + Sync + 'static {
     /// Looks a user up by name, case-insensitively.
     async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>, StoreError>;
 
-    /// The account with this id, if there is one.
-    async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StoreError>;
+    /// The account `user` as a token with id `jti` is checked against;
+    /// `None` when there is no such account.
+    async fn token_check(&self, user: UserId, jti: &str) -> Result<Option<TokenCheck>, StoreError>;
+
+    /// Sets a new password hash and a new token key (every token issued
+    /// before stops working); returns the new key, `None` if no account.
+    async fn set_password(
+        &self,
+        user: UserId,
+        password_hash: String,
+    ) -> Result<Option<String>, StoreError>;
+
+    /// Revokes the token `jti` until `expires_at` (Unix seconds).
+    async fn revoke_token(&self, jti: &str, expires_at: i64) -> Result<(), StoreError>;
 
     /// Creates an account; `Ok(None)` when the name is taken (in any case).
     async fn create_user(

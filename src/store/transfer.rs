@@ -114,20 +114,28 @@ async fn copy_users(
     read: &mut SqliteConnection,
     write: &mut PgConnection,
 ) -> Result<(), StoreError> {
-    let rows: Vec<(i64, String, Option<String>, i64)> =
-        sqlx::query_as("SELECT id, username, password_hash, created_at FROM users ORDER BY id")
-            .fetch_all(&mut *read)
-            .await?;
+    // The token keys too: tokens issued before the move stay valid.
+    let rows: Vec<(i64, String, Option<String>, i64, String)> = sqlx::query_as(
+        "SELECT id, username, password_hash, created_at, token_key FROM users ORDER BY id",
+    )
+    .fetch_all(&mut *read)
+    .await?;
     for chunk in rows.chunks(CHUNK) {
-        let (ids, names, hashes, ts) = unzip4(chunk);
+        let keys: Vec<String> = chunk.iter().map(|r| r.4.clone()).collect();
+        let four: Vec<(i64, String, Option<String>, i64)> = chunk
+            .iter()
+            .map(|r| (r.0, r.1.clone(), r.2.clone(), r.3))
+            .collect();
+        let (ids, names, hashes, ts) = unzip4(&four);
         sqlx::query(
-            "INSERT INTO users (id, username, password_hash, created_at)
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[])",
+            "INSERT INTO users (id, username, password_hash, created_at, token_key)
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[])",
         )
         .bind(ids)
         .bind(names)
         .bind(hashes)
         .bind(ts)
+        .bind(keys)
         .execute(&mut *write)
         .await?;
     }

@@ -23,6 +23,22 @@ pub struct UserRecord {
     pub user: User,
     /// argon2id PHC string; `None` for accounts created without a password.
     pub password_hash: Option<String>,
+    /// The account's random token key (see [`TokenCheck`]).
+    pub token_key: String,
+}
+
+/// What a token of an account is checked against on every request.
+#[derive(Debug, Clone)]
+pub struct TokenCheck {
+    /// The stored username (frames use it, not the token's claim).
+    pub username: String,
+    /// Random per account, replaced by a password change: a token carries
+    /// the key it was issued with, so it never matches an account created
+    /// later with the same id (after a restore), nor one whose password
+    /// changed since.
+    pub token_key: String,
+    /// The token's id was revoked (`POST /logout`).
+    pub revoked: bool,
 }
 
 /// What a message is: text sent by a user, or a timeline event.

@@ -57,6 +57,9 @@ pub enum CloseReason {
     ProtocolError,
     /// A text frame (or a close reason) that is not valid UTF-8 (1007).
     InvalidUtf8,
+    /// The token expired or was revoked (logout, password change): 4001,
+    /// the client logs in or refreshes and resumes with `since`.
+    SessionEnded,
     /// The server is shutting down.
     Shutdown,
     /// The server could not serve the connection (e.g. the replay query failed).
@@ -73,6 +76,7 @@ impl CloseReason {
             CloseReason::TooBig => "too_big",
             CloseReason::ProtocolError => "protocol_error",
             CloseReason::InvalidUtf8 => "invalid_utf8",
+            CloseReason::SessionEnded => "session_ended",
             CloseReason::Shutdown => "shutdown",
             CloseReason::ServerError => "server_error",
         }
@@ -87,6 +91,7 @@ impl CloseReason {
             CloseReason::TooBig => (1009, "frame too large"),
             CloseReason::ProtocolError => (1002, "protocol error"),
             CloseReason::InvalidUtf8 => (1007, "text frame is not valid UTF-8"),
+            CloseReason::SessionEnded => (4001, "token expired or revoked"),
             CloseReason::Shutdown => (1001, "server shutting down"),
             CloseReason::ServerError => (1011, "server error"),
         };
@@ -100,6 +105,8 @@ impl CloseReason {
 /// Shared between the two halves and the hub.
 pub struct ConnControl {
     token: CancellationToken,
+    /// The id of the token the connection was opened with.
+    jti: OnceLock<Arc<str>>,
     reason: OnceLock<CloseReason>,
     started: Instant,
     /// Milliseconds since `started` when the client last sent anything.
@@ -110,6 +117,7 @@ impl ConnControl {
     pub fn new() -> Self {
         ConnControl {
             token: CancellationToken::new(),
+            jti: OnceLock::new(),
             reason: OnceLock::new(),
             started: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
@@ -120,6 +128,11 @@ impl ConnControl {
     pub fn close(&self, reason: CloseReason) {
         let _ = self.reason.set(reason);
         self.token.cancel();
+    }
+
+    /// Whether the connection was opened with the token `jti`.
+    pub fn opened_with(&self, jti: &str) -> bool {
+        self.jti.get().is_some_and(|j| &**j == jti)
     }
 
     pub fn reason(&self) -> CloseReason {
@@ -169,6 +182,7 @@ pub async fn run<Si, St>(
     // Read again after the end during the close handshake: ends stay ends.
     let mut stream = stream.fuse();
     let control = Arc::new(ConnControl::new());
+    let _ = control.jti.set(user.token.jti.as_str().into());
     let (tx, rx) = mpsc::channel(state.settings.ws.outbound_queue);
     let handle = state.hub.register(user.id, tx, control.clone());
     tracing::debug!(user_id = %user.id, conn = handle.id, "websocket connected");
@@ -185,9 +199,12 @@ pub async fn run<Si, St>(
         write_half(sink, rx, control.clone(), state.clone(), user.id, since)
             .instrument(span.clone()),
     );
-    read_half(&mut stream, &handle, &control, &state, &user, &span)
-        .instrument(span.clone())
-        .await;
+    tokio::select! {
+        biased;
+        _ = read_half(&mut stream, &handle, &control, &state, &user, &span)
+            .instrument(span.clone()) => {}
+        _ = watch_session(&control, &state, &user) => {}
+    }
     state.hub.unregister(user.id, handle.id);
     drop(handle);
     let reason = control.reason().as_str();
@@ -195,6 +212,27 @@ pub async fn run<Si, St>(
     metrics::counter!(m::WS_CLOSED, "reason" => reason).increment(1);
     finish_close_handshake(&mut stream, writer).await;
     tracing::debug!(user_id = %user.id, reason, "websocket closed");
+}
+
+/// How often an open connection's token is checked again (revoked on
+/// another node, or the password changed there). On the node that revokes
+/// it, the connection is closed at once (`Hub::end_sessions`).
+const SESSION_RECHECK: Duration = Duration::from_secs(30);
+
+/// Closes the connection with 4001 when its token expires or stops being
+/// valid; never returns before that.
+async fn watch_session(control: &ConnControl, state: &AppState, user: &Identity) {
+    loop {
+        let now = jsonwebtoken::get_current_timestamp();
+        let left = Duration::from_secs(user.token.expires_at.saturating_sub(now));
+        tokio::time::sleep(left.min(SESSION_RECHECK)).await;
+        // A failed check (database unreachable) keeps the connection.
+        if let Ok(false) = state.accounts.still_valid(user).await {
+            control.close(CloseReason::SessionEnded);
+            break;
+        }
+    }
+    std::future::pending::<()>().await;
 }
 
 /// Reads until the connection is closed. On shutdown it stops reading and

@@ -130,6 +130,18 @@ impl Hub {
         self.users.len()
     }
 
+    /// Closes `user`'s connections opened with the token `jti` (or all of
+    /// them) with 4001: the token was revoked on this node.
+    pub fn end_sessions(&self, user: UserId, jti: Option<&str>) {
+        if let Some(conns) = self.users.get(&user) {
+            for c in conns.iter() {
+                if jti.is_none_or(|j| c.control.opened_with(j)) {
+                    c.control.close(CloseReason::SessionEnded);
+                }
+            }
+        }
+    }
+
     /// Asks every connection to close with `reason`.
     pub fn close_all(&self, reason: CloseReason) {
         for entry in self.users.iter() {

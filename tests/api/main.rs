@@ -18,6 +18,7 @@ mod operations;
 mod postgres;
 mod receipts;
 mod reliability;
+mod sessions;
 mod store_writer;
 mod tokens;
 mod upgrade;

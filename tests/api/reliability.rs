@@ -10,14 +10,23 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{DEADLINE, TEST_SECRET, TestApp, eventually};
+use crate::helpers::{DEADLINE, TEST_SECRET, TestApp, TestUser, eventually};
 
-/// A token signed with the server's secret for any id and username.
-fn signed(sub: i64, username: &str) -> String {
-    let now = jsonwebtoken::get_current_timestamp();
+/// `user`'s issued token re-signed with `sub` and `username` replaced.
+fn signed(user: &TestUser, sub: i64, username: &str) -> String {
+    use base64::Engine as _;
+    let payload = user.token.split('.').nth(1).unwrap();
+    let mut claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    claims["sub"] = json!(sub.to_string());
+    claims["username"] = json!(username);
     jsonwebtoken::encode(
         &Header::default(),
-        &json!({"sub": sub.to_string(), "username": username, "iat": now, "exp": now + 3600}),
+        &claims,
         &EncodingKey::from_secret(TEST_SECRET.as_bytes()),
     )
     .unwrap()
@@ -73,7 +82,7 @@ async fn a_signed_token_of_an_account_the_database_does_not_have_is_401_never_50
     let alice = app.user("alice").await;
     let _bob = app.user("bob").await;
     // What a restore from an older backup leaves: tokens of later accounts.
-    let ghost = signed(alice.id + 1000, "ghost");
+    let ghost = signed(&alice, alice.id + 1000, "ghost");
     let answers = [
         app.post(
             "/chats/initiate",
@@ -106,7 +115,7 @@ async fn frames_carry_the_stored_username_not_the_token_claim() {
     let bob = app.user("bob").await;
     let chat = app.chat(&alice, &bob).await;
     let mut bob_ws = app.ws(&bob).await;
-    let liar = signed(alice.id, "bob");
+    let liar = signed(&alice, alice.id, "bob");
     let mut ws = app
         .try_ws(Some(&liar), "")
         .await

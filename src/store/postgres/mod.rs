@@ -33,7 +33,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use super::{
     Audience, Chat, ChatDetail, ChatKind, CommitSink, GroupChange, Health, HistoryPage, KeptSecret,
     Member, Message, MessageKind, MessagePage, MessageRef, NewGroup, NewMessage, OnCommit, Peers,
-    ReadMarker, ReplayedMessage, Role, Store, StoreError, Timestamp, User, UserRecord,
+    ReadMarker, ReplayedMessage, Role, Store, StoreError, Timestamp, TokenCheck, User, UserRecord,
 };
 use crate::config::{ClusterSettings, DatabaseSettings, redacted_url};
 use crate::ids::{ChatId, MessageId, UserId};
@@ -217,7 +217,7 @@ impl Store for PgStore {
     #[tracing::instrument(name = "db.user_by_name", skip_all, fields(db.system.name = "postgresql"))]
     async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>, StoreError> {
         let row = sqlx::query!(
-            "SELECT id, username, password_hash FROM users WHERE lower(username) = lower($1)",
+            "SELECT id, username, password_hash, token_key FROM users WHERE lower(username) = lower($1)",
             username
         )
         .fetch_optional(&self.read)
@@ -228,17 +228,60 @@ impl Store for PgStore {
                 username: r.username,
             },
             password_hash: r.password_hash,
+            token_key: r.token_key,
         }))
     }
 
-    async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StoreError> {
-        let row = sqlx::query!("SELECT id, username FROM users WHERE id = $1", id.get())
-            .fetch_optional(&self.read)
-            .await?;
-        Ok(row.map(|r| User {
-            id: UserId(r.id),
+    async fn token_check(&self, user: UserId, jti: &str) -> Result<Option<TokenCheck>, StoreError> {
+        let row = sqlx::query!(
+            r#"SELECT u.username, u.token_key,
+                      EXISTS (SELECT 1 FROM revoked_tokens r WHERE r.jti = $2) AS "revoked!"
+               FROM users u WHERE u.id = $1"#,
+            user.get(),
+            jti
+        )
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row.map(|r| TokenCheck {
             username: r.username,
+            token_key: r.token_key,
+            revoked: r.revoked,
         }))
+    }
+
+    async fn set_password(
+        &self,
+        user: UserId,
+        password_hash: String,
+    ) -> Result<Option<String>, StoreError> {
+        // A new token key: every token issued before stops working.
+        Ok(sqlx::query_scalar!(
+            "UPDATE users SET password_hash = $2,
+                    token_key = md5(random()::text || clock_timestamp()::text)
+             WHERE id = $1 RETURNING token_key",
+            user.get(),
+            password_hash
+        )
+        .fetch_optional(&self.write)
+        .await?)
+    }
+
+    async fn revoke_token(&self, jti: &str, expires_at: i64) -> Result<(), StoreError> {
+        let mut tx = self.write.begin().await?;
+        sqlx::query!(
+            "INSERT INTO revoked_tokens (jti, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            jti,
+            expires_at
+        )
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query!(
+            "DELETE FROM revoked_tokens WHERE expires_at < extract(epoch FROM now())::bigint"
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn create_user(

@@ -37,7 +37,7 @@ use sqlx::sqlite::{
 use super::{
     Audience, Chat, ChatDetail, ChatKind, GroupChange, Health, HistoryPage, KeptSecret, Member,
     Message, MessageKind, MessagePage, NewGroup, NewMessage, OnCommit, ReadMarker, ReplayedMessage,
-    Role, Store, StoreError, Timestamp, User, UserRecord,
+    Role, Store, StoreError, Timestamp, TokenCheck, User, UserRecord,
 };
 use crate::config::{DatabaseSettings, Synchronous};
 use crate::ids::{ChatId, MessageId, UserId};
@@ -272,7 +272,7 @@ impl Store for SqliteStore {
     #[tracing::instrument(name = "db.user_by_name", skip_all, fields(db.system.name = "sqlite"))]
     async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>, StoreError> {
         let row = sqlx::query!(
-            r#"SELECT id AS "id!", username, password_hash FROM users WHERE username = ?"#,
+            r#"SELECT id AS "id!", username, password_hash, token_key FROM users WHERE username = ?"#,
             username
         )
         .fetch_optional(&self.read)
@@ -283,22 +283,39 @@ impl Store for SqliteStore {
                 username: r.username,
             },
             password_hash: r.password_hash,
+            token_key: r.token_key,
         }))
     }
 
-    #[tracing::instrument(name = "db.user_by_id", skip_all, fields(db.system.name = "sqlite"))]
-    async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StoreError> {
-        let id = id.get();
+    #[tracing::instrument(name = "db.token_check", skip_all, fields(db.system.name = "sqlite"))]
+    async fn token_check(&self, user: UserId, jti: &str) -> Result<Option<TokenCheck>, StoreError> {
+        let id = user.get();
         let row = sqlx::query!(
-            r#"SELECT id AS "id!", username FROM users WHERE id = ?"#,
-            id
+            r#"SELECT u.username, u.token_key,
+                      EXISTS (SELECT 1 FROM revoked_tokens r WHERE r.jti = ?2) AS "revoked!: bool"
+               FROM users u WHERE u.id = ?1"#,
+            id,
+            jti
         )
         .fetch_optional(&self.read)
         .await?;
-        Ok(row.map(|r| User {
-            id: UserId(r.id),
+        Ok(row.map(|r| TokenCheck {
             username: r.username,
+            token_key: r.token_key,
+            revoked: r.revoked,
         }))
+    }
+
+    async fn set_password(
+        &self,
+        user: UserId,
+        password_hash: String,
+    ) -> Result<Option<String>, StoreError> {
+        self.writer.set_password(user, password_hash).await
+    }
+
+    async fn revoke_token(&self, jti: &str, expires_at: i64) -> Result<(), StoreError> {
+        self.writer.revoke_token(jti.to_string(), expires_at).await
     }
 
     async fn create_user(

@@ -83,6 +83,16 @@ enum Command {
         up_to: MessageId,
         reply: Reply<ReadMarker>,
     },
+    SetPassword {
+        user: UserId,
+        password_hash: String,
+        reply: Reply<Option<String>>,
+    },
+    RevokeToken {
+        jti: String,
+        expires_at: i64,
+        reply: Reply<()>,
+    },
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -193,6 +203,32 @@ impl WriterHandle {
         self.call(|reply| Command::CreateUser {
             username,
             password_hash,
+            reply,
+        })
+        .await
+    }
+
+    pub(super) async fn set_password(
+        &self,
+        user: UserId,
+        password_hash: String,
+    ) -> Result<Option<String>, StoreError> {
+        self.call(|reply| Command::SetPassword {
+            user,
+            password_hash,
+            reply,
+        })
+        .await
+    }
+
+    pub(super) async fn revoke_token(
+        &self,
+        jti: String,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        self.call(|reply| Command::RevokeToken {
+            jti,
+            expires_at,
             reply,
         })
         .await
@@ -346,6 +382,42 @@ impl Writer {
                     let res = self.create_user(&username, password_hash.as_deref());
                     let _ = reply.send(res);
                     self.checkpoint_if_due();
+                }
+                Command::SetPassword {
+                    user,
+                    password_hash,
+                    reply,
+                } => {
+                    let res = self.transaction(|tx| {
+                        // A new token key: every token issued before stops working.
+                        Ok(tx
+                            .query_row(
+                                "UPDATE users SET password_hash = ?2, token_key = lower(hex(randomblob(16)))
+                                 WHERE id = ?1 RETURNING token_key",
+                                params![user.get(), password_hash],
+                                |r| r.get::<_, String>(0),
+                            )
+                            .optional()?)
+                    });
+                    let _ = reply.send(res);
+                }
+                Command::RevokeToken {
+                    jti,
+                    expires_at,
+                    reply,
+                } => {
+                    let res = self.transaction(|tx| {
+                        tx.execute(
+                            "INSERT OR IGNORE INTO revoked_tokens (jti, expires_at) VALUES (?1, ?2)",
+                            params![jti, expires_at],
+                        )?;
+                        tx.execute(
+                            "DELETE FROM revoked_tokens WHERE expires_at < ?1",
+                            params![now_millis() / 1000],
+                        )?;
+                        Ok(())
+                    });
+                    let _ = reply.send(res);
                 }
                 Command::InitiateChat { a, b, reply } => {
                     let res = self.initiate_chat(a, b);
@@ -526,7 +598,8 @@ impl Writer {
         let tx = self.conn.transaction()?;
         let id = insert_or_nothing(
             &tx,
-            "INSERT INTO users (username, password_hash, created_at) VALUES (?1, ?2, ?3)
+            "INSERT INTO users (username, password_hash, created_at, token_key)
+             VALUES (?1, ?2, ?3, lower(hex(randomblob(16))))
              ON CONFLICT DO NOTHING RETURNING id",
             params![username, password_hash, now_millis()],
         )?;
@@ -696,6 +769,8 @@ fn fail(cmd: Command) {
         Command::CreateGroup { reply, .. } => drop(reply.send(Err(StoreError::closed()))),
         Command::ChangeGroup { reply, .. } => drop(reply.send(Err(StoreError::closed()))),
         Command::MarkRead { reply, .. } => drop(reply.send(Err(StoreError::closed()))),
+        Command::SetPassword { reply, .. } => drop(reply.send(Err(StoreError::closed()))),
+        Command::RevokeToken { reply, .. } => drop(reply.send(Err(StoreError::closed()))),
         Command::Shutdown(done) => drop(done.send(())),
     }
 }

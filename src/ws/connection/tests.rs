@@ -48,6 +48,11 @@ async fn fixture(tweak: impl FnOnce(&mut Settings)) -> Fixture {
         users.push(Identity {
             id: u.id,
             username: u.username,
+            token: std::sync::Arc::new(crate::auth::TokenRef {
+                jti: format!("test-{name}"),
+                key: String::new(),
+                expires_at: u64::MAX,
+            }),
         });
     }
     let (chat, _) = state

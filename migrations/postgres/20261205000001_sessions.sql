@@ -1,0 +1,14 @@
+-- Sessions (API "Sessions"): every account has a random token key, carried
+-- by each token it is issued and compared on every request, so a token
+-- never authenticates as an account created later with the same id (after
+-- a restore), and a password change (a new key) revokes every earlier
+-- token. Single tokens are revoked by id (`jti`) until they expire.
+-- The default is volatile: existing rows each get their own key.
+ALTER TABLE users ADD COLUMN token_key TEXT NOT NULL
+    DEFAULT md5(random()::text || clock_timestamp()::text);
+
+CREATE TABLE revoked_tokens (
+    jti        TEXT   PRIMARY KEY,
+    -- Unix seconds: the token's own expiry, after which the row can go.
+    expires_at BIGINT NOT NULL
+);

@@ -214,18 +214,17 @@ pub async fn run<Si, St>(
     tracing::debug!(user_id = %user.id, reason, "websocket closed");
 }
 
-/// How often an open connection's token is checked again (revoked on
-/// another node, or the password changed there). On the node that revokes
-/// it, the connection is closed at once (`Hub::end_sessions`).
-const SESSION_RECHECK: Duration = Duration::from_secs(30);
-
 /// Closes the connection with 4001 when its token expires or stops being
-/// valid; never returns before that.
+/// valid; never returns before that. The token is checked again every
+/// `ws.ping_interval_ms` (revoked on another node, or the password changed
+/// there); on the node that revokes it, the connection is closed at once
+/// (`Hub::end_sessions`).
 async fn watch_session(control: &ConnControl, state: &AppState, user: &Identity) {
+    let recheck = Duration::from_millis(state.settings.ws.ping_interval_ms);
     loop {
         let now = jsonwebtoken::get_current_timestamp();
         let left = Duration::from_secs(user.token.expires_at.saturating_sub(now));
-        tokio::time::sleep(left.min(SESSION_RECHECK)).await;
+        tokio::time::sleep(left.min(recheck)).await;
         // A failed check (database unreachable) keeps the connection.
         if let Ok(false) = state.accounts.still_valid(user).await {
             control.close(CloseReason::SessionEnded);

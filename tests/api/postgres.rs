@@ -584,3 +584,64 @@ async fn migrate_data_moves_a_sqlite_deployment_to_postgres_and_refuses_a_non_em
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
 }
+
+#[tokio::test]
+async fn logout_and_a_password_change_on_one_node_revoke_tokens_on_the_other() {
+    postgres_only!();
+    let dir = new_dir();
+    // Node b checks open WebSockets' tokens every 200 ms (its ping interval).
+    let a = BinApp::spawn(dir.clone(), &[]).await;
+    let b = BinApp::spawn(dir, &[("SHINDENSEN_WS__PING_INTERVAL_MS", "200")]).await;
+    let alice = a.user("alice").await;
+    let (_, second) = a.login("alice", PASSWORD).await;
+    let second_token = second["token"].as_str().unwrap().to_string();
+    let mut on_b = b.ws(&alice).await;
+
+    let res = a
+        .http
+        .post(a.url("/logout"))
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    // Node b refuses the token within its 1 s check cache, and closes the
+    // WebSocket opened with it.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while b.get("/chats", Some(&alice.token)).await.0 != StatusCode::UNAUTHORIZED {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node b still takes the token"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(on_b.close_frame().await.expect("closed").code, 4001.into());
+    assert_eq!(b.get("/chats", Some(&second_token)).await.0, StatusCode::OK);
+
+    // A password change on b revokes the other token on a; refresh works on both.
+    let (status, refreshed) = a
+        .post("/token/refresh", serde_json::json!({}), Some(&second_token))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{refreshed}");
+    let change =
+        serde_json::json!({"old_password": PASSWORD, "new_password": "another password 2"});
+    let (status, body) = b
+        .post("/account/password", change, Some(&second_token))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let new_token = body["token"].as_str().unwrap();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while a.get("/chats", Some(&second_token)).await.0 != StatusCode::UNAUTHORIZED {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node a still takes the old token"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stale = refreshed["token"].as_str().unwrap();
+    assert_eq!(
+        a.get("/chats", Some(stale)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(a.get("/chats", Some(new_token)).await.0, StatusCode::OK);
+}

@@ -330,6 +330,8 @@ async fn no_ack_once_a_file_is_gone(suffix: &str) {
         assert_eq!(f["type"], "error", "acked after {file:?} was deleted: {f}");
         assert_eq!(f["code"], "unavailable", "{f}");
     }
+    let (status, body) = app.get("/readyz", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
 }
 
 #[tokio::test]
@@ -378,4 +380,39 @@ async fn a_resume_replay_that_is_never_read_is_closed_after_the_write_timeout() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(held);
+}
+
+#[tokio::test]
+async fn readiness_fails_while_writes_fail_and_recovers_when_they_succeed() {
+    use sqlx::{Connection, Executor};
+    crate::db::sqlite_only!();
+    let app = TestApp::spawn_with(|s| s.database.busy_timeout_ms = 200).await;
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let chat = app.chat(&alice, &bob).await;
+    let mut ws = app.ws(&alice).await;
+    assert_eq!(app.get("/readyz", None).await.0, StatusCode::OK);
+
+    // Another process holds the write lock beyond the busy timeout.
+    let url = format!("sqlite:{}", app.db_path().display());
+    let mut locker = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    locker.execute("BEGIN IMMEDIATE").await.unwrap();
+    let answer = send_each(&mut ws, chat, "locked", 1).await.pop().unwrap();
+    assert_eq!(answer["type"], "error", "{answer}");
+    assert_eq!(answer["code"], "unavailable", "{answer}");
+    let (status, body) = app.get("/readyz", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+
+    locker.execute("ROLLBACK").await.unwrap();
+    // Readiness probes with a write of its own: ready again without a send.
+    let deadline = Instant::now() + DEADLINE;
+    while app.get("/readyz", None).await.0 != StatusCode::OK {
+        assert!(
+            Instant::now() < deadline,
+            "not ready after the lock was released"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let answer = send_each(&mut ws, chat, "unlocked", 1).await.pop().unwrap();
+    assert_eq!(answer["type"], "ack", "{answer}");
 }

@@ -61,6 +61,8 @@ pub struct SqliteStore {
     members: Members,
     /// Device and inode of the database file when it was opened.
     identity: Option<(u64, u64)>,
+    /// Whether the writer's last write failed.
+    health: Arc<writer::WriteHealth>,
     /// Synchronous read connections for history pages.
     reader: Arc<reader::SyncReader>,
 }
@@ -119,7 +121,8 @@ impl SqliteStore {
             .await?;
 
         let members = Members::default();
-        let writer = writer::spawn(&path, settings, sink, members.clone())?;
+        let health = Arc::new(writer::WriteHealth::default());
+        let writer = writer::spawn(&path, settings, sink, members.clone(), health.clone())?;
         let identity = file_identity(&path);
         let reader = Arc::new(reader::SyncReader::new(
             path.clone(),
@@ -132,6 +135,7 @@ impl SqliteStore {
             path: Arc::new(path),
             members,
             identity,
+            health,
         })
     }
 
@@ -454,6 +458,15 @@ impl Store for SqliteStore {
 
     async fn check(&self) -> Result<Health, StoreError> {
         self.check_file()?;
+        if let Some(error) = self.health.failing() {
+            // Not ready while writes fail; one write that succeeds (this
+            // probe, or a send) makes it ready again.
+            if let Err(e) = self.writer.probe().await {
+                return Err(StoreError::unavailable(format!(
+                    "writes are failing: {e} (last: {error})"
+                )));
+            }
+        }
         sqlx::query_scalar!("SELECT 1 AS one")
             .fetch_one(&self.read)
             .await?;

@@ -93,6 +93,8 @@ enum Command {
         expires_at: i64,
         reply: Reply<()>,
     },
+    /// A write that stores nothing, to learn whether writes work again.
+    Probe(Reply<()>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -108,6 +110,7 @@ pub(super) fn spawn(
     settings: &DatabaseSettings,
     sink: Arc<dyn CommitSink>,
     members: Members,
+    health: Arc<WriteHealth>,
 ) -> Result<WriterHandle, StoreError> {
     let conn = open(path, settings)?;
     // Timestamps never go backwards, also across a restart with the clock
@@ -127,6 +130,7 @@ pub(super) fn spawn(
         batch_max: settings.write_batch_max,
         last_ts,
         files: FileCheck::new(path),
+        health: health.clone(),
     };
     std::thread::Builder::new()
         .name("shindensen-writer".into())
@@ -234,6 +238,10 @@ impl WriterHandle {
         .await
     }
 
+    pub(super) async fn probe(&self) -> Result<(), StoreError> {
+        self.call(Command::Probe).await
+    }
+
     pub(super) async fn initiate_chat(
         &self,
         a: UserId,
@@ -300,6 +308,37 @@ struct Writer {
     last_ts: i64,
     /// The files this connection writes, checked after every COMMIT.
     files: FileCheck,
+    health: Arc<WriteHealth>,
+}
+
+/// Whether the writer's last write failed (shared with readiness): a full
+/// disk, a lock held past the busy timeout, a database file gone. Cleared
+/// by the next write that succeeds (readiness probes with one).
+#[derive(Default)]
+pub(super) struct WriteHealth {
+    failing: std::sync::Mutex<Option<String>>,
+}
+
+impl WriteHealth {
+    pub(super) fn failing(&self) -> Option<String> {
+        self.failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn record<T>(&self, res: &Result<T, StoreError>) {
+        let now = match res {
+            Ok(_) => None,
+            Err(e) if e.is_unavailable() => Some(e.to_string()),
+            // A refusal (not a member, ...) says nothing about the disk.
+            Err(_) => return,
+        };
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        if *failing != now {
+            *failing = now;
+        }
+    }
 }
 
 /// The database file and its `-wal` as they were when the writer opened
@@ -417,6 +456,23 @@ impl Writer {
                         )?;
                         Ok(())
                     });
+                    let _ = reply.send(res);
+                }
+                Command::Probe(reply) => {
+                    let res = self
+                        .transaction(|tx| {
+                            // Insert and delete one row: COMMIT appends to
+                            // the WAL and syncs like any write.
+                            tx.execute(
+                                "INSERT INTO revoked_tokens (jti, expires_at) VALUES ('readiness-probe', 0)
+                                 ON CONFLICT DO NOTHING",
+                                [],
+                            )?;
+                            tx.execute("DELETE FROM revoked_tokens WHERE jti = 'readiness-probe'", [])?;
+                            Ok(())
+                        })
+                        .and_then(|()| self.files.verify());
+                    self.health.record(&res);
                     let _ = reply.send(res);
                 }
                 Command::InitiateChat { a, b, reply } => {
@@ -562,6 +618,7 @@ impl Writer {
         });
         let committed_at = Instant::now();
         let result = result.and_then(|outcomes| self.files.verify().map(|()| outcomes));
+        self.health.record(&result);
         match result {
             Ok(outcomes) => {
                 histogram!(m::DB_BATCH_SIZE).record(batch.len() as f64);
@@ -771,6 +828,7 @@ fn fail(cmd: Command) {
         Command::MarkRead { reply, .. } => drop(reply.send(Err(StoreError::closed()))),
         Command::SetPassword { reply, .. } => drop(reply.send(Err(StoreError::closed()))),
         Command::RevokeToken { reply, .. } => drop(reply.send(Err(StoreError::closed()))),
+        Command::Probe(reply) => drop(reply.send(Err(StoreError::closed()))),
         Command::Shutdown(done) => drop(done.send(())),
     }
 }

@@ -266,6 +266,12 @@ pub struct AuthSettings {
     pub login_attempts_per_username: u32,
     /// The window, in seconds, over which the attempt budgets refill.
     pub login_window_secs: u64,
+    /// Accounts created per client address per registration window
+    /// (`/register` and `/login`'s auto-registration); 0: no limit. Off by
+    /// default: behind a proxy every client has the proxy's address.
+    pub registrations_per_ip: u32,
+    /// The window, in seconds, of `registrations_per_ip`.
+    pub registration_window_secs: u64,
 }
 
 impl Default for AuthSettings {
@@ -278,6 +284,8 @@ impl Default for AuthSettings {
             login_attempts_per_ip: 30,
             login_attempts_per_username: 10,
             login_window_secs: 60,
+            registrations_per_ip: 0,
+            registration_window_secs: 3600,
         }
     }
 }
@@ -539,6 +547,9 @@ impl Settings {
                 "auth.login_*",
                 "login_attempts_per_ip, login_attempts_per_username and login_window_secs must be at least 1",
             );
+        }
+        if self.auth.registration_window_secs == 0 {
+            return fail("auth.registration_window_secs", "must be at least 1");
         }
         if let Some(secret) = &self.auth.jwt_secret {
             let len = secret.expose_secret().len();

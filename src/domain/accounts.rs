@@ -43,6 +43,8 @@ pub struct Accounts {
     by_username: KeyedLimiter<String>,
     mode: AuthMode,
     auto_register: bool,
+    /// Account creations per client address (`auth.registrations_per_ip`).
+    registrations: Option<KeyedLimiter<IpAddr>>,
     /// Tokens checked against their account lately: jti -> result.
     checked: DashMap<Arc<str>, Checked>,
 }
@@ -74,6 +76,12 @@ impl Accounts {
             mode: settings.mode,
             auto_register: settings.auto_register,
             checked: DashMap::new(),
+            registrations: (settings.registrations_per_ip > 0).then(|| {
+                KeyedLimiter::new(
+                    settings.registrations_per_ip,
+                    Duration::from_secs(settings.registration_window_secs),
+                )
+            }),
         }
     }
 
@@ -164,10 +172,10 @@ impl Accounts {
         self.limited(client, username, async {
             match (self.mode, password) {
                 (AuthMode::Password, Some(password)) => {
-                    self.login_password(username, password).await
+                    self.login_password(client, username, password).await
                 }
                 (AuthMode::Password, None) => Err(password_required()),
-                (AuthMode::Open, password) => self.login_open(username, password).await,
+                (AuthMode::Open, password) => self.login_open(client, username, password).await,
             }
         })
         .await
@@ -187,7 +195,10 @@ impl Accounts {
             if self.store.user_by_name(username).await?.is_some() {
                 return Err(DomainError::UsernameTaken);
             }
-            match self.create_account(username, Some(password)).await? {
+            match self
+                .create_account(client, username, Some(password))
+                .await?
+            {
                 Some(rec) => Ok(self.session(rec, true)),
                 None => Err(DomainError::UsernameTaken),
             }
@@ -300,9 +311,16 @@ impl Accounts {
     /// Creates the account, or `None` when the name is taken.
     async fn create_account(
         &self,
+        client: IpAddr,
         username: &str,
         password: Option<String>,
     ) -> Result<Option<UserRecord>, DomainError> {
+        if let Some(limiter) = &self.registrations {
+            limiter.try_take(&client).map_err(|retry_after| {
+                auth_failure("registrations_rate_limited");
+                DomainError::RateLimited { retry_after }
+            })?;
+        }
         let hash = match password {
             Some(p) => Some(self.hasher.hash(p).await?),
             None => None,
@@ -332,6 +350,7 @@ impl Accounts {
 
     async fn login_password(
         &self,
+        client: IpAddr,
         username: &str,
         password: String,
     ) -> Result<Session, DomainError> {
@@ -346,7 +365,7 @@ impl Accounts {
         }
         validate::password(&password)?;
         match self
-            .create_account(username, Some(password.clone()))
+            .create_account(client, username, Some(password.clone()))
             .await?
         {
             Some(rec) => Ok(self.session(rec, true)),
@@ -366,6 +385,7 @@ impl Accounts {
 
     async fn login_open(
         &self,
+        client: IpAddr,
         username: &str,
         password: Option<String>,
     ) -> Result<Session, DomainError> {
@@ -378,7 +398,7 @@ impl Accounts {
         if let Some(p) = &password {
             validate::password(p)?;
         }
-        match self.create_account(username, password).await? {
+        match self.create_account(client, username, password).await? {
             Some(rec) => Ok(self.session(rec, true)),
             None => {
                 let rec = self

@@ -416,3 +416,23 @@ async fn readiness_fails_while_writes_fail_and_recovers_when_they_succeed() {
     let answer = send_each(&mut ws, chat, "unlocked", 1).await.pop().unwrap();
     assert_eq!(answer["type"], "ack", "{answer}");
 }
+
+#[tokio::test]
+async fn account_creations_per_address_are_capped_when_configured() {
+    let app = TestApp::spawn_with(|s| s.auth.registrations_per_ip = 3).await;
+    for name in ["u1", "u2"] {
+        app.user(name).await;
+    }
+    let (status, body) = app.register("u3", crate::helpers::PASSWORD).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = app.login("u4", crate::helpers::PASSWORD).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["code"], "rate_limited");
+    let (status, body) = app.register("u5", crate::helpers::PASSWORD).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    // Existing accounts still log in.
+    assert_eq!(
+        app.login("u1", crate::helpers::PASSWORD).await.0,
+        StatusCode::OK
+    );
+}

@@ -436,3 +436,21 @@ async fn account_creations_per_address_are_capped_when_configured() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
+    let app = TestApp::spawn_with(|s| s.server.header_read_timeout_ms = 500).await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // The answer arrives; then the connection stays silent.
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    assert!(closed_by_server(&mut s, Instant::now() + Duration::from_secs(10)).await);
+}

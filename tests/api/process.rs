@@ -33,7 +33,10 @@ pub fn bin() -> &'static str {
 /// A command for the binary with a clean environment: only PATH and the
 /// test's database and secret.
 pub fn command(dir: &TempDir) -> Command {
-    let mut cmd = Command::new(bin());
+    with_env(Command::new(bin()), dir)
+}
+
+fn with_env(mut cmd: Command, dir: &TempDir) -> Command {
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", crate::db::database_url(dir.path()))
@@ -46,8 +49,27 @@ pub fn command(dir: &TempDir) -> Command {
 
 impl BinApp {
     pub async fn spawn(dir: Arc<TempDir>, envs: &[(&str, &str)]) -> BinApp {
+        let cmd = command(&dir);
+        Self::spawn_command(cmd, dir, envs).await
+    }
+
+    /// The binary under `prlimit`, with an open-files limit of `nofile`
+    /// (soft and hard).
+    pub async fn spawn_with_nofile(
+        dir: Arc<TempDir>,
+        envs: &[(&str, &str)],
+        nofile: u64,
+    ) -> BinApp {
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={nofile}:{nofile}"))
+            .arg("--")
+            .arg(bin());
+        let cmd = with_env(cmd, &dir);
+        Self::spawn_command(cmd, dir, envs).await
+    }
+
+    async fn spawn_command(mut cmd: Command, dir: Arc<TempDir>, envs: &[(&str, &str)]) -> BinApp {
         crate::db::ensure_database(dir.path()).await;
-        let mut cmd = command(&dir);
         for (k, v) in envs {
             cmd.env(k, v);
         }

@@ -454,3 +454,46 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     assert!(closed_by_server(&mut s, Instant::now() + Duration::from_secs(10)).await);
 }
+
+#[tokio::test]
+async fn at_the_open_files_limit_new_connections_are_refused_and_history_is_never_a_500() {
+    // 300 descriptors: the server keeps 256 back and serves at most 44
+    // connections (it logs both numbers at start).
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let app = crate::process::BinApp::spawn_with_nofile(dir, &[], 300).await;
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let chat = app.chat(&alice, &bob).await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        held.push(TcpStream::connect(&addr).await.unwrap());
+    }
+    // Every answer on a connection the server took is a 200; the extra
+    // connections are closed without one. Never a 500.
+    let mut served = 0;
+    for s in held.iter_mut() {
+        let req = format!(
+            "GET /chats/{chat}/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            alice.token
+        );
+        if s.write_all(req.as_bytes()).await.is_err() {
+            continue;
+        }
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut answer)).await;
+        let text = String::from_utf8_lossy(&answer);
+        if text.is_empty() {
+            continue;
+        }
+        assert!(
+            text.starts_with("HTTP/1.1 200"),
+            "{}",
+            text.lines().next().unwrap_or("")
+        );
+        served += 1;
+    }
+    assert!(served > 0 && served < 80, "{served} of 80 served");
+    let logs = app.logs.lock().unwrap().clone();
+    assert!(logs.contains("open-files limit"), "{logs}");
+}

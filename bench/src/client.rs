@@ -103,6 +103,8 @@ impl Server {
             // client resumes over the WebSocket only, and counts a `resync`
             // as an error.
             .env("SHINDENSEN_WS__REPLAY_MAX", "1000000")
+            // The idle mode spreads its connections over 100 accounts.
+            .env("SHINDENSEN_WS__MAX_CONNECTIONS_PER_USER", "1000000")
             .env("SHINDENSEN_AUTH__LOGIN_ATTEMPTS_PER_IP", "1000000")
             .env("SHINDENSEN_AUTH__LOGIN_ATTEMPTS_PER_USERNAME", "1000000")
             .stdout(Stdio::null())

@@ -36,6 +36,8 @@ pub struct AppInner {
     pub shutdown: CancellationToken,
     /// Tracks WebSocket connections so shutdown can wait for them to flush.
     pub ws_tracker: TaskTracker,
+    /// Bytes of large response bodies held for clients.
+    pub responses: crate::http::budget::ResponseBudget,
 }
 
 impl Deref for AppState {
@@ -69,6 +71,10 @@ impl AppState {
             draining: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             ws_tracker: TaskTracker::new(),
+            responses: crate::http::budget::ResponseBudget::new(
+                settings.server.inflight_response_bytes,
+                Duration::from_millis(settings.server.request_timeout_ms / 2),
+            ),
             settings,
         }))
     }

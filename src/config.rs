@@ -119,6 +119,10 @@ pub struct ServerSettings {
     /// more is closed at once. Lowered at start to what the open-files
     /// limit allows.
     pub max_connections: usize,
+    /// Bytes of large response bodies (history pages over 64 KiB) held for
+    /// clients at once; a page that finds none free within half the
+    /// request timeout is 429 `rate_limited`.
+    pub inflight_response_bytes: usize,
     /// A connection whose writes make no progress for this long (the
     /// client stopped reading) is closed, in milliseconds.
     pub write_timeout_ms: u64,
@@ -137,6 +141,7 @@ impl Default for ServerSettings {
             cors_allowed_origins: Vec::new(),
             max_connections: 50_000,
             write_timeout_ms: 30_000,
+            inflight_response_bytes: 64 * 1024 * 1024,
             http2: false,
         }
     }
@@ -494,6 +499,12 @@ impl Settings {
             return fail(
                 "server.request_timeout_ms / server.header_read_timeout_ms",
                 "must be greater than 0",
+            );
+        }
+        if self.server.inflight_response_bytes < 1024 * 1024 {
+            return fail(
+                "server.inflight_response_bytes",
+                "must be at least 1048576 (1 MiB)",
             );
         }
         if self.server.write_timeout_ms == 0 {

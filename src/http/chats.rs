@@ -1,6 +1,8 @@
 //! Chats: direct and group, members, history and read markers (the rules:
 //! `domain::chats` and `domain::membership`).
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
@@ -385,8 +387,14 @@ pub async fn history(
         query.map_err(|e| ApiError::InvalidRequest(format!("invalid query: {e}")))?;
     let page = params.page()?;
     let page = state.chats.history(chat_id, me.id, page).await?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/json")],
-        schema::page_json(&page),
-    ))
+    let json = schema::page_json(&page);
+    drop(page);
+    let body = state
+        .responses
+        .body(json)
+        .await
+        .ok_or(ApiError::RateLimited {
+            retry_after: Duration::from_secs(1),
+        })?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body))
 }

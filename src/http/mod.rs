@@ -1,6 +1,7 @@
 //! The HTTP surface: router, handlers, errors, extractors.
 
 mod accounts;
+pub mod budget;
 mod chats;
 pub mod error;
 mod extract;

@@ -497,3 +497,65 @@ async fn at_the_open_files_limit_new_connections_are_refused_and_history_is_neve
     let logs = app.logs.lock().unwrap().clone();
     assert!(logs.contains("open-files limit"), "{logs}");
 }
+
+#[tokio::test]
+async fn large_pages_held_for_clients_that_do_not_read_stay_within_the_response_budget() {
+    // 8 MiB for bodies in flight; pages of about 3.4 MB.
+    let app = TestApp::spawn_with(|s| {
+        s.server.inflight_response_bytes = 8 * 1024 * 1024;
+        s.server.request_timeout_ms = 2_000;
+    })
+    .await;
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let chat = app.chat(&alice, &bob).await;
+    let long = "😀".repeat(4_000);
+    for _ in 0..200 {
+        app.store_message(&alice, chat, &long).await;
+    }
+    let addr: std::net::SocketAddr = app.base.trim_start_matches("http://").parse().unwrap();
+    let big = format!("/chats/{chat}/messages?limit=200");
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut s = socket.connect(addr).await.unwrap();
+        let req = format!(
+            "GET {big} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+            alice.token
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        held.push(s); // never read
+    }
+    // Two pages fit in the budget; a reading client gets 429 for a third
+    // while they are held, small pages are served, and once the
+    // non-readers are gone big pages are served again.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (status, body) = app.get(&big, Some(&alice.token)).await;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(body["code"], "rate_limited");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the budget never ran out: {status}"
+        );
+    }
+    let (status, page) = app.history(&alice, &chat.to_string(), "?limit=5").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page.as_array().unwrap().len(), 5);
+    drop(held);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (status, page) = app.get(&big, Some(&alice.token)).await;
+        if status == StatusCode::OK {
+            assert_eq!(page.as_array().unwrap().len(), 200);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "big pages not served again: {status}"
+        );
+    }
+}

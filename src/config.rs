@@ -183,6 +183,11 @@ pub struct DatabaseSettings {
     pub write_batch_max: usize,
     /// Capacity of the writer's request queue; senders wait when it is full.
     pub write_queue: usize,
+    /// SQLite: new WAL frames (pages) after which the checkpointer thread
+    /// copies the WAL into the database file. At four times this the
+    /// writer finishes the checkpoint itself so the WAL starts over (its
+    /// file stays near that size: 4 × 4,000 frames × 4 KiB ≈ 64 MiB).
+    pub wal_checkpoint_frames: u32,
 }
 
 impl Default for DatabaseSettings {
@@ -195,6 +200,7 @@ impl Default for DatabaseSettings {
             connect_timeout_ms: 5_000,
             write_batch_max: 2_048,
             write_queue: 16_384,
+            wal_checkpoint_frames: 4_000,
         }
     }
 }
@@ -541,9 +547,12 @@ impl Settings {
         if self.database.read_pool_size == 0 {
             return fail("database.read_pool_size", "must be at least 1");
         }
-        if self.database.write_batch_max == 0 || self.database.write_queue == 0 {
+        if self.database.write_batch_max == 0
+            || self.database.write_queue == 0
+            || self.database.wal_checkpoint_frames == 0
+        {
             return fail(
-                "database.write_batch_max / database.write_queue",
+                "database.write_batch_max / database.write_queue / database.wal_checkpoint_frames",
                 "must be at least 1",
             );
         }

@@ -180,6 +180,11 @@ impl Server {
         })
     }
 
+    /// The directory of the database of a server this tool started.
+    pub fn data_dir(&self) -> Option<&std::path::Path> {
+        self.dir.as_deref()
+    }
+
     /// The WebSocket URL of the node `user_id` connects to.
     pub fn ws_url(&self, user_id: i64) -> String {
         let node = &self.nodes[user_id.rem_euclid(self.nodes.len() as i64) as usize];

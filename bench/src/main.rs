@@ -9,6 +9,7 @@
 
 mod baseline;
 mod client;
+mod fsync;
 mod group;
 mod relay;
 
@@ -19,6 +20,9 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use client::Server;
+
+/// Syncs the fsync probe times before a relay or ramp run.
+const FSYNC_PROBES: u64 = 2_000;
 
 #[derive(Parser)]
 #[command(name = "shindensen-bench", about = "Load generator for shindensen")]
@@ -197,6 +201,14 @@ async fn run_relay(
 ) -> anyhow::Result<()> {
     let duration = Duration::from_secs(seconds);
     let server = start(target).await?;
+    // The disk's floor, measured before the load where the database lives
+    // (for a server given by URL: this machine's temporary directory).
+    let fsync_dir = server
+        .data_dir()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(std::env::temp_dir);
+    let floor =
+        tokio::task::spawn_blocking(move || fsync::probe(&fsync_dir, FSYNC_PROBES)).await??;
     let results = relay::run(&server, relay::Kind::Shindensen, pairs, steps, duration).await?;
     let usage = server.usage();
     drop(server);
@@ -234,6 +246,10 @@ async fn run_relay(
             s.p99_ms / b.p99_ms.max(0.001)
         );
     }
+    println!(
+        "fsync floor ({} appends + fdatasync where the database lives): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        floor.syncs, floor.p50_ms, floor.p99_ms, floor.max_ms
+    );
     if let Some(u) = usage {
         println!(
             "server: peak RSS {:.1} MiB, CPU {:.2} s",
@@ -244,6 +260,7 @@ async fn run_relay(
     emit(
         target,
         json!({
+            "fsync": floor.json(),
             "mode": if ramp { "ramp" } else { "relay" },
             "pairs": pairs,
             "seconds_per_step": seconds,
@@ -323,6 +340,13 @@ async fn run_idle(target: &Target, n: usize, seconds: u64) -> anyhow::Result<()>
     let cpu0 = server.usage().map(|u| u.cpu_secs);
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let cpu1 = server.usage().map(|u| u.cpu_secs);
+    // Close them all, wait until the server has let go of every one, and
+    // give the allocator a moment to return what they held.
+    let held = conns.len();
+    drop(conns);
+    let closed = wait_for_gauge(&server, "shindensen_ws_connections", 0.0).await;
+    settle().await;
+    let after_close = server.usage().map(|u| u.rss_now_kib);
     let per_conn = match (before, after) {
         (Some(b), Some(a)) => Some((a.saturating_sub(b)) as f64 / n as f64),
         _ => None,
@@ -332,11 +356,7 @@ async fn run_idle(target: &Target, n: usize, seconds: u64) -> anyhow::Result<()>
         _ => None,
     };
     println!();
-    println!(
-        "idle: {} connections held ({} users)",
-        conns.len(),
-        users.len()
-    );
+    println!("idle: {held} connections held ({} users)", users.len());
     if let (Some(b), Some(a), Some(p)) = (before, after, per_conn) {
         println!(
             "server RSS {:.1} MiB -> {:.1} MiB: {:.2} KiB per connection",
@@ -348,11 +368,47 @@ async fn run_idle(target: &Target, n: usize, seconds: u64) -> anyhow::Result<()>
     if let Some(c) = idle_cpu {
         println!("server CPU while idle: {c:.2}% of one core over {seconds} s");
     }
+    if let (Some(b), Some(c)) = (before, after_close) {
+        println!(
+            "after closing them ({}): server RSS {:.1} MiB, {:+.0}% of the level before they opened",
+            if closed {
+                "server count back to 0"
+            } else {
+                "server count NOT back to 0 within 30 s"
+            },
+            c as f64 / 1024.0,
+            (c as f64 / b.max(1) as f64 - 1.0) * 100.0
+        );
+    }
     emit(
         target,
-        json!({"mode": "idle", "connections": conns.len(), "rss_before_kib": before,
-               "rss_after_kib": after, "kib_per_connection": per_conn, "idle_cpu_percent": idle_cpu}),
+        json!({"mode": "idle", "connections": held, "rss_before_kib": before,
+               "rss_after_kib": after, "rss_after_close_kib": after_close, "all_closed": closed,
+               "kib_per_connection": per_conn, "idle_cpu_percent": idle_cpu}),
     )
+}
+
+/// Waits (up to 30 s) until an unlabelled gauge in the server's /metrics
+/// reads `value`; false if it did not.
+async fn wait_for_gauge(server: &Server, name: &str, value: f64) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if let Ok(mut http) = client::Http::connect(&server.addr).await
+            && let Ok((200, body)) = http.call("GET", "/metrics", None, None).await
+        {
+            let text = String::from_utf8_lossy(&body);
+            let current = text
+                .lines()
+                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok());
+            if current == Some(value) {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }
 
 async fn run_http(target: &Target, concurrency: usize, seconds: u64) -> anyhow::Result<()> {

@@ -25,6 +25,7 @@ pub const MESSAGES_DELIVERED: &str = "shindensen_messages_delivered_total";
 pub const DELIVERY_SECONDS: &str = "shindensen_message_delivery_seconds";
 pub const DB_BATCH_SIZE: &str = "shindensen_db_write_batch_size";
 pub const DB_COMMIT_SECONDS: &str = "shindensen_db_commit_duration_seconds";
+pub const DB_CHECKPOINT_SECONDS: &str = "shindensen_db_checkpoint_duration_seconds";
 pub const AUTH_FAILURES: &str = "shindensen_auth_failures_total";
 pub const FANOUT_CONNECTIONS: &str = "shindensen_message_fanout_connections";
 pub const MESSAGE_ENCODINGS: &str = "shindensen_message_encodings_total";
@@ -78,6 +79,12 @@ pub fn install() -> &'static PrometheusHandle {
                 })
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full(DB_COMMIT_SECONDS.into()), FAST_BUCKETS)
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(DB_CHECKPOINT_SECONDS.into()),
+                        FAST_BUCKETS,
+                    )
                 })
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full(DB_BATCH_SIZE.into()), BATCH_BUCKETS)
@@ -166,6 +173,11 @@ fn describe() {
         DB_COMMIT_SECONDS,
         Unit::Seconds,
         "Duration of one group-commit transaction."
+    );
+    describe_histogram!(
+        DB_CHECKPOINT_SECONDS,
+        Unit::Seconds,
+        "Duration of one WAL checkpoint (SQLite), by where it ran."
     );
     describe_counter!(AUTH_FAILURES, "Authentication failures, by reason.");
     describe_histogram!(

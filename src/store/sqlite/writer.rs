@@ -10,8 +10,11 @@
 //! * Other writes (accounts, chats, membership, read markers) go through
 //!   the same thread, each in its own transaction: the database never sees
 //!   two writers, and a membership change and a send are never concurrent.
-//! * WAL checkpoints run here too, after a batch's fan-out rather than
-//!   inside its COMMIT (docs/decisions/0002-checkpoints-after-fan-out.md).
+//! * WAL checkpoints run on a checkpointer thread with its own connection,
+//!   asked every `wal_checkpoint_frames`, while the writer goes on
+//!   committing; the writer copies the last few frames itself, between two
+//!   batches, once the WAL is four times that long, so the WAL starts over
+//!   and stays bounded (docs/decisions/0013-checkpointer-thread.md).
 //!
 //! Why a thread with rusqlite rather than a task driving sqlx:
 //! docs/decisions/0001-writer-thread.md.
@@ -20,6 +23,7 @@ use std::cell::Cell;
 use std::os::raw::c_int;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Instant;
 
 use metrics::{counter, histogram};
@@ -131,6 +135,7 @@ pub(super) fn spawn(
         last_ts,
         files: FileCheck::new(path),
         health: health.clone(),
+        checkpointer: Checkpointer::spawn(path, settings)?,
     };
     std::thread::Builder::new()
         .name("shindensen-writer".into())
@@ -138,9 +143,115 @@ pub(super) fn spawn(
     Ok(WriterHandle { tx })
 }
 
-/// WAL frames after which the writer checkpoints (SQLite's automatic
-/// checkpoint threshold).
-const CHECKPOINT_FRAMES: c_int = 1_000;
+/// The checkpointer thread, as the writer sees it.
+struct Checkpointer {
+    ask: std::sync::mpsc::SyncSender<()>,
+    /// True from the writer's ask until that checkpoint has run.
+    running: Arc<AtomicBool>,
+    /// WAL frames the last checkpoint could not copy (written meanwhile).
+    left: Arc<AtomicI64>,
+    /// WAL frames after which the writer asks for a checkpoint.
+    every: c_int,
+    /// WAL frames at the writer's last ask.
+    asked_at: c_int,
+}
+
+impl Checkpointer {
+    /// Starts the thread: a connection of its own that runs a PASSIVE
+    /// checkpoint each time the writer asks, while the writer goes on
+    /// committing (PASSIVE never takes the write lock).
+    fn spawn(path: &Path, settings: &DatabaseSettings) -> Result<Checkpointer, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_millis(settings.busy_timeout_ms))?;
+        let (ask, asked) = std::sync::mpsc::sync_channel::<()>(1);
+        let running = Arc::new(AtomicBool::new(false));
+        let left = Arc::new(AtomicI64::new(i64::MAX));
+        let (done, copied) = (running.clone(), left.clone());
+        std::thread::Builder::new()
+            .name("shindensen-checkpointer".into())
+            .spawn(move || {
+                // Ends when the writer (the only sender) is gone.
+                while asked.recv().is_ok() {
+                    let frames_left = match checkpoint(&conn, "checkpointer") {
+                        Some((log, backfilled)) => log - backfilled,
+                        None => i64::MAX,
+                    };
+                    copied.store(frames_left, Ordering::Release);
+                    done.store(false, Ordering::Release);
+                }
+            })?;
+        Ok(Checkpointer {
+            ask,
+            running,
+            left,
+            every: c_int::try_from(settings.wal_checkpoint_frames).unwrap_or(c_int::MAX / 8),
+            asked_at: 0,
+        })
+    }
+
+    /// Asks for a checkpoint unless one is running.
+    fn ask(&mut self, frames: c_int) {
+        self.asked_at = frames;
+        if !self.running.swap(true, Ordering::AcqRel) && self.ask.try_send(()).is_err() {
+            self.running.store(false, Ordering::Release);
+        }
+    }
+
+    /// Called by the writer after each write with the WAL's length: true
+    /// when the writer should finish the checkpoint itself, now.
+    ///
+    /// The checkpointer never catches up with a writer that keeps
+    /// committing, and SQLite starts the WAL over only once all of it has
+    /// been copied; so past four times `every` the writer copies the rest
+    /// between two batches, once the checkpointer has left it little to do.
+    fn writer_should_finish(&mut self, frames: c_int) -> bool {
+        if frames < self.asked_at {
+            // The WAL started over.
+            self.asked_at = 0;
+        }
+        if frames < self.every.saturating_mul(4) {
+            if frames - self.asked_at >= self.every {
+                self.ask(frames);
+            }
+            return false;
+        }
+        if self.running.load(Ordering::Acquire) {
+            return false;
+        }
+        let rest = self
+            .left
+            .load(Ordering::Acquire)
+            .saturating_add(i64::from(frames - self.asked_at));
+        if rest > i64::from((self.every / 16).max(16)) {
+            self.ask(frames);
+            return false;
+        }
+        self.asked_at = 0;
+        true
+    }
+}
+
+/// Runs a PASSIVE checkpoint (copies what no reader still needs, never
+/// waits for one); `(frames in the WAL, frames copied)`, or `None` on error.
+fn checkpoint(conn: &Connection, on: &'static str) -> Option<(i64, i64)> {
+    let started = Instant::now();
+    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+    }) {
+        Ok(frames) => {
+            histogram!(m::DB_CHECKPOINT_SECONDS, "on" => on)
+                .record(started.elapsed().as_secs_f64());
+            Some(frames)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, on, "WAL checkpoint failed");
+            None
+        }
+    }
+}
 
 thread_local! {
     /// Frames in the WAL after the writer thread's last commit.
@@ -149,7 +260,7 @@ thread_local! {
 
 /// The writer connection's WAL hook, called inside COMMIT on the writer
 /// thread. Installing it replaces SQLite's automatic checkpoint, which
-/// would run right here; the writer runs it after the fan-out instead.
+/// would run right here; [`Checkpointer`] runs them instead.
 fn note_wal_frames(_: &rusqlite::hooks::Wal, frames: c_int) -> rusqlite::Result<()> {
     WAL_FRAMES.set(frames);
     Ok(())
@@ -300,6 +411,8 @@ impl WriterHandle {
 
 struct Writer {
     conn: Connection,
+    /// Where checkpoints run, when not on this thread.
+    checkpointer: Checkpointer,
     rx: mpsc::Receiver<Command>,
     sink: Arc<dyn CommitSink>,
     members: Members,
@@ -525,19 +638,12 @@ impl Writer {
         }
     }
 
-    /// Checkpoints once the WAL has grown past [`CHECKPOINT_FRAMES`]; called
-    /// after a write's replies and fan-out, never inside its COMMIT.
+    /// Asks for or finishes a WAL checkpoint when due; called after a
+    /// write's replies and fan-out, never inside its COMMIT.
     fn checkpoint_if_due(&mut self) {
-        if WAL_FRAMES.get() < CHECKPOINT_FRAMES {
-            return;
-        }
-        WAL_FRAMES.set(0);
-        // PASSIVE: copies what no reader still needs, never waits for one.
-        if let Err(e) = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-        {
-            tracing::warn!(error = %e, "WAL checkpoint failed");
+        if self.checkpointer.writer_should_finish(WAL_FRAMES.get()) {
+            WAL_FRAMES.set(0);
+            checkpoint(&self.conn, "writer");
         }
     }
 

@@ -184,9 +184,10 @@ pub struct DatabaseSettings {
     /// Capacity of the writer's request queue; senders wait when it is full.
     pub write_queue: usize,
     /// SQLite: new WAL frames (pages) after which the checkpointer thread
-    /// copies the WAL into the database file. At four times this the
+    /// copies the WAL into the database file. From four times this the
     /// writer finishes the checkpoint itself so the WAL starts over (its
-    /// file stays near that size: 4 × 4,000 frames × 4 KiB ≈ 64 MiB).
+    /// file stays below 8 × 4,000 frames × 4 KiB ≈ 128 MiB, and near
+    /// 64 MiB under load).
     pub wal_checkpoint_frames: u32,
 }
 

@@ -559,3 +559,84 @@ async fn large_pages_held_for_clients_that_do_not_read_stay_within_the_response_
         );
     }
 }
+
+#[tokio::test]
+async fn under_concurrent_senders_the_checkpointer_runs_beside_the_writer_and_the_wal_stays_bounded()
+ {
+    crate::db::sqlite_only!();
+    let every = 20;
+    let app = TestApp::spawn_with(|s| {
+        s.database.wal_checkpoint_frames = every;
+        s.database.write_batch_max = 16;
+        s.ws.send_rate_per_sec = 1_000_000.0;
+        s.ws.send_burst = 1_000_000;
+    })
+    .await;
+    let mut users = Vec::new();
+    for i in 0..6 {
+        users.push(app.user(&format!("sender{i}")).await);
+    }
+    let mut chats = Vec::new();
+    for pair in users.chunks(2) {
+        chats.push(app.chat(&pair[0], &pair[1]).await);
+    }
+    let wal = {
+        let mut p = app.db_path().into_os_string();
+        p.push("-wal");
+        std::path::PathBuf::from(p)
+    };
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let (wal, done) = (wal.clone(), done.clone());
+        async move {
+            let mut largest = 0;
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                largest = largest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            largest
+        }
+    });
+    // Every sender pipelines its messages, so batches fill and the writer
+    // never waits for the checkpointer.
+    let per_sender = 500;
+    let mut senders = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        let mut ws = app.ws(user).await;
+        let chat = chats[i / 2];
+        senders.push(tokio::spawn(async move {
+            for k in 0..per_sender {
+                ws.say(chat, &format!("m{k}"), &format!("{i}-{k}")).await;
+            }
+            let mut acks = 0;
+            while acks < per_sender {
+                let frame = ws.next_json().await;
+                assert_ne!(frame["type"], "error", "{frame}");
+                if frame["type"] == "ack" {
+                    acks += 1;
+                }
+            }
+        }));
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let largest = sampler.await.unwrap();
+    // The writer finishes a checkpoint at 8 × `every` frames at the latest,
+    // plus what one batch of 16 messages appends; without checkpoints this
+    // load appends well over a thousand frames.
+    let bound = u64::from(8 * every + 90) * (4096 + 24);
+    assert!(
+        largest < bound,
+        "the WAL grew to {largest} bytes (bound {bound})"
+    );
+    let runs = metric(
+        &app,
+        r#"shindensen_db_checkpoint_duration_seconds_count{on="checkpointer"}"#,
+    )
+    .await;
+    assert!(runs >= 1.0, "the checkpointer never ran");
+    let accepted = metric(&app, "shindensen_messages_accepted_total ").await;
+    assert_eq!(accepted, (users.len() * per_sender) as f64);
+}

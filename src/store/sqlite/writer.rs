@@ -206,7 +206,8 @@ impl Checkpointer {
     /// The checkpointer never catches up with a writer that keeps
     /// committing, and SQLite starts the WAL over only once all of it has
     /// been copied; so past four times `every` the writer copies the rest
-    /// between two batches, once the checkpointer has left it little to do.
+    /// between two batches, once the checkpointer has left it little to do,
+    /// and past eight times `every` whatever is left.
     fn writer_should_finish(&mut self, frames: c_int) -> bool {
         if frames < self.asked_at {
             // The WAL started over.
@@ -217,6 +218,12 @@ impl Checkpointer {
                 self.ask(frames);
             }
             return false;
+        }
+        if frames >= self.every.saturating_mul(8) {
+            // A writer so fast that the checkpointer never gets close:
+            // copy the rest here, however long it takes.
+            self.asked_at = 0;
+            return true;
         }
         if self.running.load(Ordering::Acquire) {
             return false;

@@ -203,6 +203,28 @@ impl Drop for Server {
     }
 }
 
+/// The server's Prometheus text, or `None` when it cannot be read.
+pub async fn scrape(server: &Server) -> Option<String> {
+    match Http::connect(&server.addr)
+        .await
+        .ok()?
+        .call("GET", "/metrics", None, None)
+        .await
+    {
+        Ok((200, body)) => Some(String::from_utf8_lossy(&body).into_owned()),
+        _ => None,
+    }
+}
+
+/// The value of an unlabelled series in Prometheus text.
+pub fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// One keep-alive HTTP/1.1 connection.
 pub struct Http {
     sender: SendRequest<Full<Bytes>>,

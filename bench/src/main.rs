@@ -288,21 +288,9 @@ async fn run_group(
         Duration::from_secs(seconds),
     )
     .await?;
-    let metrics = client::Http::connect(&server.addr)
-        .await?
-        .call("GET", "/metrics", None, None)
-        .await
-        .map(|(_, body)| String::from_utf8_lossy(&body).into_owned())
-        .unwrap_or_default();
-    let counter = |name: &str| {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-    };
-    let encodings = counter("shindensen_message_encodings_total");
-    let accepted = counter("shindensen_messages_accepted_total");
+    let metrics = client::scrape(&server).await.unwrap_or_default();
+    let encodings = client::sample(&metrics, "shindensen_message_encodings_total");
+    let accepted = client::sample(&metrics, "shindensen_messages_accepted_total");
     let per_message = match (encodings, accepted) {
         (Some(e), Some(a)) if a > 0.0 => Some(e / a),
         _ => None,
@@ -393,18 +381,10 @@ async fn run_idle(target: &Target, n: usize, seconds: u64) -> anyhow::Result<()>
 async fn wait_for_gauge(server: &Server, name: &str, value: f64) -> bool {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while std::time::Instant::now() < deadline {
-        if let Ok(mut http) = client::Http::connect(&server.addr).await
-            && let Ok((200, body)) = http.call("GET", "/metrics", None, None).await
+        if let Some(metrics) = client::scrape(server).await
+            && client::sample(&metrics, name) == Some(value)
         {
-            let text = String::from_utf8_lossy(&body);
-            let current = text
-                .lines()
-                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse::<f64>().ok());
-            if current == Some(value) {
-                return true;
-            }
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

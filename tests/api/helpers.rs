@@ -528,6 +528,17 @@ impl WsClient {
     }
 }
 
+/// Waits for the async `cond` to hold, checking every 20 ms, up to the
+/// deadline (for conditions that need a request or a scrape).
+pub async fn eventually_async<F: Future<Output = bool>>(what: &str, mut cond: impl FnMut() -> F) {
+    let start = std::time::Instant::now();
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    while !cond().await {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
+        poll.tick().await;
+    }
+}
+
 /// Waits for `cond` to hold, checking every few milliseconds, up to the deadline.
 pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let start = std::time::Instant::now();

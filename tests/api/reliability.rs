@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{DEADLINE, TEST_SECRET, TestApp, TestUser, eventually};
+use crate::helpers::{DEADLINE, TEST_SECRET, TestApp, TestUser, eventually, eventually_async};
 
 /// `user`'s issued token re-signed with `sub` and `username` replaced.
 fn signed(user: &TestUser, sub: i64, username: &str) -> String {
@@ -231,16 +231,12 @@ async fn over_max_connections_a_new_connection_is_closed_and_served_again_below_
     drop(idle);
     drop(sockets);
     // Below the cap again: served.
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Ok(res) = reqwest::get(app.url("/healthz")).await
-            && res.status() == StatusCode::OK
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not served again below the cap");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_async("served again below the cap", || async {
+        reqwest::get(app.url("/healthz"))
+            .await
+            .is_ok_and(|res| res.status() == StatusCode::OK)
+    })
+    .await;
     let refused = metric(
         &app,
         "shindensen_connections_refused_total{reason=\"max_connections\"}",
@@ -376,19 +372,13 @@ async fn a_resume_replay_that_is_never_read_is_closed_after_the_write_timeout() 
         held.push(app.ws_small_buffer_since(&bob, 0).await); // never read
     }
     let series = "shindensen_connections_write_timeout_total";
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let timed_out = metric(&app, series).await;
-        if timed_out >= clients as f64 && app.state.hub.connection_count() == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{timed_out} of {clients} non-reading clients closed by the write timeout; {} connections open",
-            app.state.hub.connection_count()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_async(
+        "every non-reading client closed by the write timeout",
+        || async {
+            metric(&app, series).await >= clients as f64 && app.state.hub.connection_count() == 0
+        },
+    )
+    .await;
     drop(held);
 }
 
@@ -415,14 +405,10 @@ async fn readiness_fails_while_writes_fail_and_recovers_when_they_succeed() {
 
     locker.execute("ROLLBACK").await.unwrap();
     // Readiness probes with a write of its own: ready again without a send.
-    let deadline = Instant::now() + DEADLINE;
-    while app.get("/readyz", None).await.0 != StatusCode::OK {
-        assert!(
-            Instant::now() < deadline,
-            "not ready after the lock was released"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_async("ready after the lock was released", || async {
+        app.get("/readyz", None).await.0 == StatusCode::OK
+    })
+    .await;
     let answer = send_each(&mut ws, chat, "unlocked", 1).await.pop().unwrap();
     assert_eq!(answer["type"], "ack", "{answer}");
 }
@@ -600,10 +586,12 @@ async fn under_concurrent_senders_the_checkpointer_runs_beside_the_writer_and_th
     let sampler = tokio::spawn({
         let (wal, done) = (wal.clone(), done.clone());
         async move {
+            // Samples the WAL's size every millisecond while the load runs.
+            let mut every_ms = tokio::time::interval(Duration::from_millis(1));
             let mut largest = 0;
             while !done.load(std::sync::atomic::Ordering::Acquire) {
                 largest = largest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
-                tokio::time::sleep(Duration::from_millis(1)).await;
+                every_ms.tick().await;
             }
             largest
         }

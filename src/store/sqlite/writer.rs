@@ -418,7 +418,7 @@ impl WriterHandle {
 
 struct Writer {
     conn: Connection,
-    /// Where checkpoints run, when not on this thread.
+    /// Runs checkpoints beside this thread (decision 0013).
     checkpointer: Checkpointer,
     rx: mpsc::Receiver<Command>,
     sink: Arc<dyn CommitSink>,

@@ -53,9 +53,11 @@ pub async fn upgrade(
     })?;
     let limits = &state.settings.ws;
     Ok(ws
-        // Small buffers: tungstenite's defaults cost over 100 KiB per idle
-        // connection. Frames larger than the read buffer still work.
-        .read_buffer_size(4 * 1024)
+        // Small buffers: an idle connection keeps its read buffer resident
+        // (tungstenite zero-fills it before each read), and the defaults
+        // are 128 KiB. 1 KiB holds a typical frame; larger frames are
+        // reserved in full and read in 1 KiB steps.
+        .read_buffer_size(1024)
         .write_buffer_size(8 * 1024)
         .max_write_buffer_size(1024 * 1024)
         .max_message_size(limits.max_frame_bytes)

@@ -12,11 +12,12 @@ use shindensen::config::{Backend, Settings};
 use shindensen::store::{self, NoopSink};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// mimalloc instead of glibc malloc: glibc keeps the 19 MiB argon2id work
-/// areas resident per thread arena after a burst of logins (hundreds of MiB
-/// that never go back); mimalloc returns them, and is faster on the hot path.
+/// jemalloc with its background purge threads: memory freed by closed
+/// connections or a burst of logins goes back to the system within seconds,
+/// even when nothing else runs (docs/decisions/0014-jemalloc.md). glibc
+/// kept the 19 MiB argon2id work areas resident per thread arena.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
 #[command(name = "shindensen", version, about = "Messenger backend")]

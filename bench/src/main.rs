@@ -14,7 +14,7 @@ mod group;
 mod relay;
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
@@ -333,8 +333,16 @@ async fn run_idle(target: &Target, n: usize, seconds: u64) -> anyhow::Result<()>
     let held = conns.len();
     drop(conns);
     let closed = wait_for_gauge(&server, "shindensen_ws_connections", 0.0).await;
+    let closed_at = Instant::now();
     settle().await;
     let after_close = server.usage().map(|u| u.rss_now_kib);
+    // Then how long until RSS is back within 20% of the level before
+    // (allocators return freed pages on a timer), up to 30 s.
+    let returned = match before {
+        Some(b) => wait_for_rss(&server, b + b / 5, Duration::from_secs(30)).await,
+        None => None,
+    };
+    let returned_after = returned.map(|_| closed_at.elapsed().as_secs_f64());
     let per_conn = match (before, after) {
         (Some(b), Some(a)) => Some((a.saturating_sub(b)) as f64 / n as f64),
         _ => None,
@@ -367,20 +375,49 @@ async fn run_idle(target: &Target, n: usize, seconds: u64) -> anyhow::Result<()>
             c as f64 / 1024.0,
             (c as f64 / b.max(1) as f64 - 1.0) * 100.0
         );
+        match (returned, returned_after) {
+            (Some(r), Some(t)) => println!(
+                "back within 20% of the level before {t:.1} s after the last close: {:.1} MiB",
+                r as f64 / 1024.0
+            ),
+            _ => println!(
+                "NOT back within 20% of the level before 30 s after the last close: {:.1} MiB",
+                server
+                    .usage()
+                    .map_or(0.0, |u| u.rss_now_kib as f64 / 1024.0)
+            ),
+        }
     }
     emit(
         target,
         json!({"mode": "idle", "connections": held, "rss_before_kib": before,
                "rss_after_kib": after, "rss_after_close_kib": after_close, "all_closed": closed,
+               "rss_returned_kib": returned, "rss_returned_after_s": returned_after,
                "kib_per_connection": per_conn, "idle_cpu_percent": idle_cpu}),
     )
+}
+
+/// Waits until the server's RSS is at most `limit_kib`; its RSS then, or
+/// None after `deadline`.
+async fn wait_for_rss(server: &Server, limit_kib: u64, deadline: Duration) -> Option<u64> {
+    let start = Instant::now();
+    loop {
+        let rss = server.usage()?.rss_now_kib;
+        if rss <= limit_kib {
+            return Some(rss);
+        }
+        if start.elapsed() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Waits (up to 30 s) until an unlabelled gauge in the server's /metrics
 /// reads `value`; false if it did not.
 async fn wait_for_gauge(server: &Server, name: &str, value: f64) -> bool {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while std::time::Instant::now() < deadline {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
         if let Some(metrics) = client::scrape(server).await
             && client::sample(&metrics, name) == Some(value)
         {

@@ -338,11 +338,13 @@ async fn run_idle(target: &Target, n: usize, seconds: u64) -> anyhow::Result<()>
     let after_close = server.usage().map(|u| u.rss_now_kib);
     // Then how long until RSS is back within 20% of the level before
     // (allocators return freed pages on a timer), up to 30 s.
+    // (RSS then, seconds since the last close)
     let returned = match before {
-        Some(b) => wait_for_rss(&server, b + b / 5, Duration::from_secs(30)).await,
+        Some(b) => wait_for_rss(&server, b + b / 5, Duration::from_secs(30))
+            .await
+            .map(|rss| (rss, closed_at.elapsed().as_secs_f64())),
         None => None,
     };
-    let returned_after = returned.map(|_| closed_at.elapsed().as_secs_f64());
     let per_conn = match (before, after) {
         (Some(b), Some(a)) => Some((a.saturating_sub(b)) as f64 / n as f64),
         _ => None,
@@ -375,12 +377,12 @@ async fn run_idle(target: &Target, n: usize, seconds: u64) -> anyhow::Result<()>
             c as f64 / 1024.0,
             (c as f64 / b.max(1) as f64 - 1.0) * 100.0
         );
-        match (returned, returned_after) {
-            (Some(r), Some(t)) => println!(
+        match returned {
+            Some((r, t)) => println!(
                 "back within 20% of the level before {t:.1} s after the last close: {:.1} MiB",
                 r as f64 / 1024.0
             ),
-            _ => println!(
+            None => println!(
                 "NOT back within 20% of the level before 30 s after the last close: {:.1} MiB",
                 server
                     .usage()
@@ -392,7 +394,7 @@ async fn run_idle(target: &Target, n: usize, seconds: u64) -> anyhow::Result<()>
         target,
         json!({"mode": "idle", "connections": held, "rss_before_kib": before,
                "rss_after_kib": after, "rss_after_close_kib": after_close, "all_closed": closed,
-               "rss_returned_kib": returned, "rss_returned_after_s": returned_after,
+               "rss_returned_kib": returned.map(|r| r.0), "rss_returned_after_s": returned.map(|r| r.1),
                "kib_per_connection": per_conn, "idle_cpu_percent": idle_cpu}),
     )
 }
